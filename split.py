@@ -1,0 +1,624 @@
+"""Trajectory-splitting SFT (KLong §3.3): records, the splitter, the inference context builder,
+tokenisation and packing with a shared prefix.
+
+The paper cuts a trajectory τ = (s₁, a₁, …, s_N, a_N), longer than the context L_max, into K
+overlapping sub-trajectories that all start with the pinned prefix p (task + paper reading):
+
+    τ⁽ⁱ⁾ = [ p, s_{t_i}, a_{t_i}, …, s_{t_i+L−1}, a_{t_i+L−1} ]
+    L_SFT = − Σ_i Σ_{t ∈ window i} log P_θ(a_t | τ⁽ⁱ⁾_{<t})
+
+Resolutions where the paper is silent (ARCHITECTURE.md; each is repeated where it is coded):
+ 1. A turn is one assistant message (action aᵢ) plus the tool/user messages after it (observation
+    sᵢ₊₁). Splitting never cuts inside a turn; a single observation longer than the budget is cut
+    head+tail with a visible marker.
+ 2. Sub-trajectory i = p ⊕ Cᵢ ⊕ Wᵢ. Wᵢ: the turns supervised in i. Cᵢ: the turns just before Wᵢ
+    (at least `overlap` tokens of whole turns: the overlap with i−1), then older turns
+    progressively truncated (observations cut more the older they are, by the `keep` schedule),
+    then whole turns dropped behind one marker `[... N earlier turns omitted ...]`.
+ 3. Loss on the assistant tokens of Wᵢ only: every action is trained exactly once.
+    `supervise_overlap=True` gives the paper's literal formula (overlap actions trained twice).
+    Actions inside p are supervised once, in sub-trajectory 1.
+ 4. The same context builder runs at inference (`build_context`), so the policy samples from the
+    kind of context it was trained on, and RL trains on exactly the contexts it sampled.
+
+Also here: `mode="none"` (the paper's baseline: one sequence per trajectory, head-truncated to
+L_max) and `mode="window"` (sliding windows without the pinned prefix, the miniature's middle
+arm), and packing `[p | C₁W₁ | C₂W₂ | …]` with doc/segment ids (ARCHITECTURE.md, "Packing with a
+shared prefix"; beyond the paper).
+
+Token counts come from a `count(message) -> int` function (chat.count_tokens for a real
+tokenizer); encoding is message-additive (chat.py), so a sub-trajectory's length is the sum of its
+messages' counts. Dimension letters: B rows, T tokens per row.
+"""
+from __future__ import annotations
+
+import argparse
+import bisect
+import json
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+
+Count = Callable[[dict], int]
+Encode = Callable[[dict], tuple[list[int], list[int]]]
+IGNORE = -100
+MIN_CUT = 24          # fewest tokens an observation is cut to (its marker needs ~15)
+
+
+# ----------------------------------------------------------------------------- records
+
+@dataclass
+class Sample:
+    """One assistant turn sampled by a local policy: what RL trains on, token for token."""
+    message_index: int          # index in Trajectory.messages of the assistant message produced
+    context_ids: list[int]      # the exact prompt it was sampled from (ends with the role header)
+    action_ids: list[int]       # the sampled ids (end with the stop token unless cut)
+    logprobs: list[float]       # behaviour log-probs of action_ids, same length
+    policy_version: int = 0
+
+
+@dataclass
+class Trajectory:
+    """One agent episode in Hugging Face chat format; `prefix_len` leading messages form p."""
+    id: str
+    task_id: str
+    messages: list[dict]
+    prefix_len: int
+    score: float | None = None
+    meta: dict = field(default_factory=dict)
+    samples: list[Sample] = field(default_factory=list)
+
+
+@dataclass
+class SubTrajectory:
+    """τ⁽ⁱ⁾ = p ⊕ Cᵢ ⊕ Wᵢ as messages, with which messages carry loss and where each came from."""
+    traj_id: str
+    index: int                  # i, from 0
+    messages: list[dict]
+    supervised: list[bool]      # per message: its assistant tokens are trained on
+    source: list[int]           # per message: index in the trajectory (-1 for the omission marker)
+    prefix_len: int             # leading messages that are the pinned prefix p (0 without one)
+
+
+class RecordError(ValueError):
+    """A malformed trajectory record: names the file, line and field."""
+
+
+_ROLES = {"system", "user", "assistant", "tool"}
+
+
+def _check_messages(messages, where: str) -> None:
+    if not isinstance(messages, list):
+        raise RecordError(f"{where}: field 'messages': expected a list of chat messages")
+    for k, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in _ROLES:
+            raise RecordError(f"{where}: field 'messages[{k}].role': expected one of "
+                              f"{sorted(_ROLES)}, got {m.get('role') if isinstance(m, dict) else m!r}")
+        if not isinstance(m.get("content", ""), (str, type(None))):
+            raise RecordError(f"{where}: field 'messages[{k}].content': expected a string")
+        for c, call in enumerate(m.get("tool_calls") or []):
+            if not isinstance(call, dict) or not isinstance(call.get("function"), dict) \
+                    or "name" not in call["function"]:
+                raise RecordError(f"{where}: field 'messages[{k}].tool_calls[{c}].function.name': "
+                                  "expected {'function': {'name': ..., 'arguments': ...}}")
+
+
+def trajectory_from_dict(d: dict, where: str = "<record>") -> Trajectory:
+    """Validate one JSON record (ARCHITECTURE.md "Data on disk") into a Trajectory."""
+    if not isinstance(d, dict):
+        raise RecordError(f"{where}: expected a JSON object")
+    for name, typ in (("id", str), ("task_id", str), ("prefix_len", int)):
+        if name not in d:
+            raise RecordError(f"{where}: field '{name}' is missing")
+        if not isinstance(d[name], typ) or isinstance(d[name], bool):
+            raise RecordError(f"{where}: field '{name}': expected {typ.__name__}, "
+                              f"got {type(d[name]).__name__}")
+    _check_messages(d.get("messages"), where)
+    if not 0 <= d["prefix_len"] <= len(d["messages"]):
+        raise RecordError(f"{where}: field 'prefix_len': expected 0..{len(d['messages'])}, "
+                          f"got {d['prefix_len']}")
+    if d.get("score") is not None and not isinstance(d["score"], (int, float)):
+        raise RecordError(f"{where}: field 'score': expected a number or null")
+    samples = []
+    for k, s in enumerate(d.get("samples") or []):
+        try:
+            samples.append(Sample(**s))
+        except TypeError as e:
+            raise RecordError(f"{where}: field 'samples[{k}]': {e}") from None
+    return Trajectory(id=d["id"], task_id=d["task_id"], messages=d["messages"],
+                      prefix_len=d["prefix_len"], score=d.get("score"), meta=d.get("meta") or {},
+                      samples=samples)
+
+
+def load_jsonl(path) -> list[Trajectory]:
+    out = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                d = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise RecordError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
+            out.append(trajectory_from_dict(d, f"{path}:{n}"))
+    return out
+
+
+def save_jsonl(path, trajs: Iterable[Trajectory]) -> None:
+    tmp = Path(str(path) + ".tmp")
+    with open(tmp, "w") as f:
+        for t in trajs:
+            f.write(json.dumps(asdict(t)) + "\n")
+    tmp.replace(path)        # atomic: a crash never leaves half a file
+
+
+def append_jsonl(path, traj: Trajectory) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(asdict(traj)) + "\n")
+        f.flush()
+
+
+# ----------------------------------------------------------------------------- the splitter
+
+@dataclass
+class SplitConfig:
+    """Knobs of the splitter (ARCHITECTURE.md resolutions 1–3) and of the inference context."""
+    context_len: int = 512
+    """L_max: no sub-trajectory (and no live context) is longer, in tokens."""
+    overlap: int = 64
+    """Tokens of whole turns before Wᵢ repeated from sub-trajectory i−1 (at least this many)."""
+    history: float = 0.25
+    """Share of (L_max − |p|) given to Cᵢ: the overlap plus the progressively truncated history."""
+    keep: tuple[float, ...] = (1.0, 0.5, 0.25, 0.1)
+    """Kept fraction of an older observation by age (0 = newest beyond the overlap); the last
+    value holds for all older ones; must not increase. 0 drops the turn."""
+    supervise_overlap: bool = False
+    """True: overlap actions are trained again in i (the paper's literal sum)."""
+    mode: str = "klong"
+    """"klong" (pinned p + C + W), "none" (baseline: head truncation, one sequence), "window"
+    (sliding windows, no pinned prefix, no history beyond the overlap)."""
+    reserve: int = 64
+    """At inference: tokens kept free for the next action when the context is (re)built."""
+
+    def __post_init__(self):
+        self.keep = tuple(self.keep)
+        if self.mode not in ("klong", "none", "window"):
+            raise ValueError(f"SplitConfig.mode: expected klong|none|window, got {self.mode!r}")
+        if any(b > a for a, b in zip(self.keep, self.keep[1:])) or not self.keep \
+                or not all(0.0 <= k <= 1.0 for k in self.keep):
+            raise ValueError(f"SplitConfig.keep: expected a non-increasing schedule in [0, 1], "
+                             f"got {self.keep}")
+        if self.context_len <= 0 or self.overlap < 0 or not 0 <= self.history <= 1:
+            raise ValueError("SplitConfig: context_len > 0, overlap ≥ 0, 0 ≤ history ≤ 1 expected")
+
+
+class SplitError(ValueError):
+    """The trajectory cannot be split under this configuration (e.g. L_max too small)."""
+
+
+def turns_of(messages: list[dict], start: int) -> list[tuple[int, int]]:
+    """Resolution 1: message ranges [a, b) of the turns after `start`; a turn opens with an
+    assistant message (an observation-only turn may open the list)."""
+    bounds = [j for j in range(start, len(messages)) if messages[j]["role"] == "assistant"]
+    if start < len(messages) and (not bounds or bounds[0] != start):
+        bounds.insert(0, start)
+    return list(zip(bounds, bounds[1:] + [len(messages)]))
+
+
+def omitted_marker(n_turns: int) -> dict:
+    return {"role": "user", "content": f"[... {n_turns} earlier turns omitted ...]"}
+
+
+def cut_message(message: dict, target: int, count: Count) -> dict:
+    """Resolution 1: cut a message's content head+tail so that count(result) ≤ target tokens,
+    leaving a visible marker. Never applied to a supervised message."""
+    text = str(message.get("content") or "")
+    n = len(text)
+    keep = n
+    for _ in range(64):
+        keep = min(keep, n)
+        head, tail = keep - keep // 2, keep // 2
+        body = text if keep >= n else (
+            text[:head] + f"\n[... {n - keep} characters omitted ...]\n" + (text[-tail:] if tail else ""))
+        cut = {**message, "content": body}
+        have = count(cut)
+        if have <= target:
+            return cut
+        if keep == 0:
+            break
+        keep = int(keep * max(0.0, min(0.95, (target - 2) / have)))   # shrink by the overshoot
+    raise SplitError(f"cannot cut a {message['role']} message to {target} tokens "
+                     f"(even the empty cut needs {have})")
+
+
+class _Splitter:
+    """State for splitting one message list: token counts, turns, cached cut messages."""
+
+    def __init__(self, messages: list[dict], prefix_len: int, count: Count, cfg: SplitConfig):
+        self.m, self.cfg, self.count = messages, cfg, count
+        self.P = prefix_len if cfg.mode == "klong" else 0
+        self.n = [count(x) for x in messages]                     # ℓ_j
+        self.p_tokens = sum(self.n[:self.P])                      # |p|
+        self.turns = turns_of(messages, self.P)
+        self.B = cfg.context_len - self.p_tokens                  # budget after p
+        if self.B <= 0:
+            raise SplitError(f"pinned prefix p is {self.p_tokens} tokens; L_max = "
+                             f"{cfg.context_len} leaves no room for a turn: raise context_len")
+        self._cuts: dict[tuple[int, int], dict] = {}
+
+    def cut(self, j: int, target: int) -> tuple[dict, int]:
+        if target >= self.n[j]:
+            return self.m[j], self.n[j]
+        key = (j, target)
+        if key not in self._cuts:
+            self._cuts[key] = cut_message(self.m[j], target, self.count)
+        c = self._cuts[key]
+        return c, self.count(c)
+
+    def turn_tokens(self, t: int) -> int:
+        a, b = self.turns[t]
+        return sum(self.n[a:b])
+
+    def fitted(self, t: int, room: int) -> list[tuple[int, dict, int]]:
+        """Turn t's messages, observations cut head+tail so the turn fits `room` (resolution 1).
+        Actions are never cut; observations share the room by water-filling (short ones whole)."""
+        a, b = self.turns[t]
+        out = [(j, self.m[j], self.n[j]) for j in range(a, b)]
+        if sum(x[2] for x in out) <= room:
+            return out
+        obs = sorted((k for k, (j, _, _) in enumerate(out) if self.m[j]["role"] != "assistant"),
+                     key=lambda k: out[k][2])
+        share = room - sum(n for j, _, n in out if self.m[j]["role"] == "assistant")
+        if share < MIN_CUT * len(obs):
+            raise SplitError(
+                f"L_max = {self.cfg.context_len} is too small: p ({self.p_tokens} tokens) plus the "
+                f"action of turn {t} and its shortest cut observation do not fit")
+        for left, k in zip(range(len(obs), 0, -1), obs):
+            j, _, n = out[k]
+            out[k] = (j, *self.cut(j, min(n, share // left)))
+            share -= out[k][2]
+        return out
+
+    def shorten(self, j: int, frac: float) -> tuple[dict, int]:
+        """Observation j keeping ⌊frac·len⌋ characters head+tail (resolution 2's truncation)."""
+        if frac >= 1:
+            return self.m[j], self.n[j]
+        key = (j, -int(frac * 1e6))
+        if key not in self._cuts:
+            text = str(self.m[j].get("content") or "")
+            keep = int(frac * len(text))
+            head, tail = keep - keep // 2, keep // 2
+            self._cuts[key] = {**self.m[j], "content": text[:head] + f"\n[... {len(text) - keep} "
+                               f"characters omitted ...]\n" + (text[len(text) - tail:] if tail else "")}
+        c = self._cuts[key]
+        return c, self.count(c)
+
+    def history(self, s: int, room_for_next: int) -> tuple[list[tuple[int, dict, int]], int, int]:
+        """Cᵢ for a window starting at turn s: [marker] + older truncated turns + overlap turns.
+        Returns the items (message index or −1, message, tokens), their tokens, and the first
+        message index of the overlap."""
+        if s == 0:
+            return [], 0, self.P
+        cfg, L = self.cfg, self.cfg.context_len
+        # the overlap V: the fewest whole turns just before s holding ≥ `overlap` tokens, as long
+        # as p ⊕ V still leaves room for the next turn (resolution 2)
+        marker_max = self.count(omitted_marker(len(self.turns))) if cfg.mode == "klong" else 0
+        v, v_tok = s, 0
+        while v > 0 and v_tok < cfg.overlap:
+            n = self.turn_tokens(v - 1)
+            if self.p_tokens + v_tok + n + room_for_next + marker_max > L:
+                break
+            v, v_tok = v - 1, v_tok + n
+        overlap = [(j, self.m[j], self.n[j]) for t in range(v, s) for j in range(*self.turns[t])]
+        v_start = self.turns[v][0] if v < s else self.turns[s][0] if s < len(self.turns) else len(self.m)
+        if cfg.mode != "klong":          # sliding windows keep only the overlap
+            return overlap, v_tok, v_start
+        # older turns, newest first: the observation of a turn of age a keeps keep[a] of its
+        # characters (actions stay whole); when a turn no longer fits the history budget, it and
+        # every older turn are dropped behind one marker
+        budget = min(int(cfg.history * self.B), L - self.p_tokens - room_for_next) - v_tok
+        budget -= marker_max                                             # room for the marker
+        older: list[tuple[int, dict, int]] = []
+        t = v - 1
+        while t >= 0:
+            frac = cfg.keep[min(v - 1 - t, len(cfg.keep) - 1)]
+            if frac <= 0:
+                break
+            pieces = [(j, self.m[j], self.n[j]) if self.m[j]["role"] == "assistant"
+                      else (j, *self.shorten(j, frac)) for j in range(*self.turns[t])]
+            size = sum(x[2] for x in pieces)
+            if size > budget:
+                break
+            older, budget, t = pieces + older, budget - size, t - 1
+        dropped = t + 1
+        marker = [(-1, omitted_marker(dropped), self.count(omitted_marker(dropped)))] if dropped else []
+        hist = marker + older + overlap
+        return hist, sum(x[2] for x in hist), v_start
+
+    def subtrajectory(self, traj_id: str, i: int, s: int) -> tuple[SubTrajectory, int]:
+        """τ⁽ⁱ⁾ whose window starts at turn s; returns it and the next window's start."""
+        cfg, L = self.cfg, self.cfg.context_len
+        hist, h_tok, v_start = self.history(s, min(self.turn_tokens(s), L - self.p_tokens))
+        used = self.p_tokens + h_tok
+        window, e = [], s
+        while e < len(self.turns):
+            size = self.turn_tokens(e)
+            if used + size > L:
+                if e > s:
+                    break
+                window = self.fitted(e, L - used)      # one over-long turn: cut its observations
+                e += 1
+                break
+            window += [(j, self.m[j], self.n[j]) for j in range(*self.turns[e])]
+            used, e = used + size, e + 1
+        items = [(j, self.m[j], self.n[j]) for j in range(self.P)] + hist + window
+        w0 = self.P + len(hist)                            # first item of Wᵢ
+        sup = []
+        for k, (j, msg, _) in enumerate(items):
+            # resolution 3: Wᵢ's actions; p's actions in τ⁽¹⁾ only; the overlap again on request
+            trained = k >= w0 or (i == 0 and k < self.P) or (
+                cfg.supervise_overlap and j >= v_start and k >= self.P)
+            sup.append(msg["role"] == "assistant" and j >= 0 and trained)
+        return SubTrajectory(traj_id=traj_id, index=i, messages=[x[1] for x in items],
+                             supervised=sup, source=[x[0] for x in items], prefix_len=self.P), e
+
+
+def split_trajectory(traj: Trajectory, count: Count, cfg: SplitConfig) -> list[SubTrajectory]:
+    """Cut τ into K sub-trajectories τ⁽¹⁾…τ⁽ᴷ⁾, each ≤ L_max tokens (resolutions 1–3)."""
+    if cfg.mode == "none":
+        return [head_truncate(traj, count, cfg.context_len)]
+    sp = _Splitter(traj.messages, traj.prefix_len, count, cfg)
+    if not sp.turns:        # only p: one sub-trajectory, p's actions supervised
+        if sp.p_tokens > cfg.context_len:
+            raise SplitError(f"{traj.id}: p is {sp.p_tokens} tokens > L_max {cfg.context_len}")
+        return [SubTrajectory(traj.id, 0, list(traj.messages),
+                              [m["role"] == "assistant" for m in traj.messages],
+                              list(range(len(traj.messages))), sp.P)]
+    subs, s = [], 0
+    while s < len(sp.turns):
+        sub, s = sp.subtrajectory(traj.id, len(subs), s)
+        subs.append(sub)
+    return subs
+
+
+def head_truncate(traj: Trajectory, count: Count, context_len: int) -> SubTrajectory:
+    """The paper's baseline SFT: one sequence per trajectory, its first L_max tokens (whole
+    messages that fit; the first one that does not ends it)."""
+    used, keep = 0, 0
+    for m in traj.messages:
+        n = count(m)
+        if used + n > context_len:
+            break
+        used, keep = used + n, keep + 1
+    if keep == 0:
+        raise SplitError(f"{traj.id}: the first message alone is longer than L_max {context_len}")
+    msgs = traj.messages[:keep]
+    return SubTrajectory(traj.id, 0, list(msgs), [m["role"] == "assistant" for m in msgs],
+                         list(range(keep)), 0)
+
+
+def build_context(messages: list[dict], prefix_len: int, window_start: int, count: Count,
+                  cfg: SplitConfig) -> tuple[list[dict], int]:
+    """Resolution 4: the context an agent acts from, built by the splitter's own rule.
+
+    `messages` is the live history; `window_start` the message index where the current window
+    began (start with `prefix_len`). The context p ⊕ C ⊕ messages[window_start:] grows turn by
+    turn (so a KV cache stays valid); when it plus `cfg.reserve` would pass L_max, the window
+    restarts at the end of the history and C is rebuilt exactly as Cᵢ is in training.
+    Baseline agents (`mode="none"`) slide a window without p, like `mode="window"`.
+    """
+    if cfg.mode == "none":
+        cfg = SplitConfig(**{**asdict(cfg), "mode": "window"})
+    sp = _Splitter(messages, prefix_len, count, cfg)
+    if sp.p_tokens + cfg.reserve > cfg.context_len:
+        raise SplitError(f"p ({sp.p_tokens} tokens) plus reserve {cfg.reserve} > L_max "
+                         f"{cfg.context_len}: raise context_len")
+    starts = [a for a, _ in sp.turns]
+    s = bisect.bisect_left(starts, max(window_start, sp.P))
+    window_start = starts[s] if s < len(starts) else len(messages)
+    hist, h_tok, _ = sp.history(s, cfg.reserve)
+    if sp.p_tokens + h_tok + sum(sp.n[window_start:]) + cfg.reserve > cfg.context_len:
+        s, window_start = len(starts), len(messages)       # the window restarts here
+        hist, h_tok, _ = sp.history(s, cfg.reserve)
+    ctx = list(messages[:sp.P]) + [x[1] for x in hist] + list(messages[window_start:])
+    return ctx, window_start
+
+
+# ----------------------------------------------------------------------------- tokenisation
+
+@dataclass
+class TokenizedSub:
+    """A sub-trajectory as ids; labels = ids on supervised assistant tokens, −100 elsewhere."""
+    traj_id: str
+    index: int
+    input_ids: list[int]
+    labels: list[int]
+    prefix_tokens: int          # |p| in tokens (the shared part when packing)
+
+
+def tokenize(sub: SubTrajectory, encode: Encode) -> TokenizedSub:
+    """ids of p ⊕ Cᵢ ⊕ Wᵢ and labels selecting exactly the supervised assistant tokens."""
+    ids, labels, p_tok = [], [], 0
+    for k, (msg, sup) in enumerate(zip(sub.messages, sub.supervised)):
+        i, mask = encode(msg)
+        ids += i
+        labels += [t if (sup and m) else IGNORE for t, m in zip(i, mask)]
+        if k < sub.prefix_len:
+            p_tok += len(i)
+    return TokenizedSub(sub.traj_id, sub.index, ids, labels, p_tok)
+
+
+def cached_encoder(tokenizer) -> Encode:
+    """chat.encode_message with a cache keyed by the message's content (messages repeat across
+    sub-trajectories: p and overlap turns are encoded once)."""
+    from chat import encode_message
+    cache: dict[str, tuple[list[int], list[int]]] = {}
+
+    def encode(m: dict):
+        key = json.dumps(m, sort_keys=True, default=str)
+        if key not in cache:
+            cache[key] = encode_message(tokenizer, m)
+        return cache[key]
+    return encode
+
+
+# ----------------------------------------------------------------------------- packing
+
+@dataclass
+class Packed:
+    """Rows `[p | C₁W₁ | C₂W₂ | …]` (+ other trajectories), all tensors [B, T].
+
+    targets[b, j] is the token position j must predict (already shifted; −100 = no loss), so a
+    segment's first token is never a target of the previous segment's last token.
+    """
+    input_ids: torch.Tensor
+    targets: torch.Tensor
+    position_ids: torch.Tensor
+    doc: torch.Tensor           # trajectory copy within the row
+    seg: torch.Tensor           # 0 = the shared prefix p, k = the k-th segment
+
+    def allowed(self) -> torch.Tensor:
+        """Boolean [B, T, T]: k ≤ q and doc[k] = doc[q] and (seg[k] = seg[q] or seg[k] = 0)."""
+        T = self.doc.shape[1]
+        causal = torch.ones(T, T, dtype=torch.bool, device=self.doc.device).tril()
+        same_doc = self.doc[:, :, None] == self.doc[:, None, :]
+        seg_ok = (self.seg[:, :, None] == self.seg[:, None, :]) | (self.seg[:, None, :] == 0)
+        return causal & same_doc & seg_ok
+
+    def attention_mask(self, dtype=torch.float32) -> torch.Tensor:
+        """Additive float mask [B, 1, T, T] (0 / dtype min): the form every HF attention path
+        honours (a boolean 4D mask is silently wrong on eager, MACHINE.md)."""
+        m = torch.zeros(self.allowed().shape, dtype=dtype, device=self.doc.device)
+        return m.masked_fill(~self.allowed(), torch.finfo(dtype).min)[:, None]
+
+    @property
+    def n_supervised(self) -> int:
+        return int((self.targets != IGNORE).sum())
+
+
+def _shift(labels: list[int]) -> list[int]:
+    """Targets of a sequence: position j predicts token j+1 (the last predicts nothing)."""
+    return labels[1:] + [IGNORE]
+
+
+def pack(subs: list[TokenizedSub], row_len: int, pad_id: int = 0,
+         share_prefix: bool = True) -> Packed:
+    """Pack tokenized sub-trajectories (in order) into rows of ≤ row_len tokens.
+
+    share_prefix=True: consecutive sub-trajectories of one trajectory share one copy of p per row;
+    p gets positions 0…|p|−1 and each segment continues from |p|. p's own targets come from
+    sub-trajectory 0, the only one that supervises p's actions (resolution 3). False: every
+    sub-trajectory is its own document (padding-free packing, p copied K times).
+    """
+    rows: list[list[tuple]] = []     # per row: pieces (ids, targets, positions, doc, seg)
+    doc = None                       # the open document: [traj_id, row, doc id, next seg, p piece]
+
+    def used(row):
+        return sum(len(piece[0]) for piece in row)
+
+    for sub in subs:
+        if len(sub.input_ids) > row_len:
+            raise SplitError(f"{sub.traj_id}[{sub.index}]: {len(sub.input_ids)} tokens do not "
+                             f"fit row_len {row_len}")
+        P = sub.prefix_tokens if share_prefix else 0
+        if 0 < P < len(sub.labels) and sub.labels[P] != IGNORE:
+            raise SplitError(f"{sub.traj_id}[{sub.index}]: the token after p is supervised, so a "
+                             "shared p would need several targets")
+        body_ids, body_labels = sub.input_ids[P:], sub.labels[P:]
+        joins = P > 0 and doc is not None and doc[0] == sub.traj_id and doc[1] == len(rows) - 1 \
+            and used(rows[-1]) + len(body_ids) <= row_len
+        if not joins:
+            if not rows or used(rows[-1]) + len(sub.input_ids) > row_len:
+                rows.append([])
+            doc = [sub.traj_id, len(rows) - 1, len({pc[3] for pc in rows[-1]}) + 1, 1, None]
+            if P:
+                rows[-1].append((sub.input_ids[:P], [IGNORE] * P, list(range(P)), doc[2], 0))
+                doc[4] = len(rows[-1]) - 1
+        if P and sub.index == 0:     # resolution 3: p's actions are trained in τ⁽¹⁾ only
+            ids, _, pos, d, s = rows[-1][doc[4]]
+            rows[-1][doc[4]] = (ids, _shift(sub.labels[:P]), pos, d, s)
+        rows[-1].append((body_ids, _shift(body_labels), list(range(P, P + len(body_ids))),
+                         doc[2], doc[3] if P else 0))
+        doc[3] += 1
+    T = max(used(r) for r in rows)
+    B = len(rows)
+    ids = torch.full((B, T), pad_id, dtype=torch.long)                 # (B, T)
+    tgt = torch.full((B, T), IGNORE, dtype=torch.long)
+    pos = torch.zeros((B, T), dtype=torch.long)
+    doc_t = torch.zeros((B, T), dtype=torch.long)
+    seg = torch.zeros((B, T), dtype=torch.long)
+    for b, row in enumerate(rows):
+        j = 0
+        for x_ids, x_tgt, x_pos, x_doc, x_seg in row:
+            n = len(x_ids)
+            ids[b, j:j + n], tgt[b, j:j + n] = torch.tensor(x_ids), torch.tensor(x_tgt)
+            pos[b, j:j + n] = torch.tensor(x_pos)
+            doc_t[b, j:j + n], seg[b, j:j + n] = x_doc, x_seg
+            j += n
+        doc_t[b, j:] = torch.arange(T - j) + 1_000_000      # padding: each token its own doc
+    return Packed(ids, tgt, pos, doc_t, seg)
+
+
+# ----------------------------------------------------------------------------- stats CLI
+
+def stats(trajs: list[Trajectory], count: Count, cfg: SplitConfig, encode: Encode) -> list[dict]:
+    """Per trajectory: K, original and split token totals, supervised fraction, duplication."""
+    rows = []
+    for t in trajs:
+        subs = split_trajectory(t, count, cfg)
+        tok = [tokenize(s, encode) for s in subs]
+        total = sum(len(x.input_ids) for x in tok)
+        sup = sum(sum(1 for y in x.labels if y != IGNORE) for x in tok)
+        orig = sum(count(m) for m in t.messages)
+        rows.append({"id": t.id, "turns": len(turns_of(t.messages, t.prefix_len)),
+                     "sub_trajectories": len(subs), "tokens": orig, "split_tokens": total,
+                     "supervised_fraction": round(sup / max(total, 1), 4),
+                     "duplication": round(total / max(orig, 1), 3)})
+    return rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="split.py", description="Inspect trajectory splitting (KLong §3.3).")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    st = sub.add_parser("stats", help="per-trajectory sub-trajectory counts, token totals, "
+                                      "supervised fraction and duplication overhead")
+    st.add_argument("file", help="trajectories JSONL (ARCHITECTURE.md format)")
+    st.add_argument("--context", type=int, default=SplitConfig.context_len, help="L_max in tokens")
+    st.add_argument("--overlap", type=int, default=SplitConfig.overlap, help="overlap tokens")
+    st.add_argument("--history", type=float, default=SplitConfig.history,
+                    help="share of L_max − |p| for the truncated history Cᵢ")
+    st.add_argument("--mode", default="klong", choices=["klong", "none", "window"])
+    st.add_argument("--tokenizer", default=None,
+                    help="a saved tokenizer folder (e.g. a checkpoint); default: the tiny one")
+    a = ap.parse_args(argv)
+    import chat
+    if a.tokenizer:
+        from transformers import AutoTokenizer
+        tok = AutoTokenizer.from_pretrained(a.tokenizer)
+    else:
+        tok = chat.build_tiny_tokenizer()
+    cfg = SplitConfig(context_len=a.context, overlap=a.overlap, history=a.history, mode=a.mode)
+    try:
+        trajs = load_jsonl(a.file)
+        rows = stats(trajs, chat.count_tokens(tok), cfg, cached_encoder(tok))
+    except (RecordError, SplitError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    cols = list(rows[0]) if rows else []
+    print("  ".join(f"{c:>20}" for c in cols))
+    for r in rows:
+        print("  ".join(f"{str(r[c]):>20}" for c in cols))
+    if rows:
+        n = len(rows)
+        print(f"{n} trajectories: mean K {sum(r['sub_trajectories'] for r in rows) / n:.2f}, "
+              f"mean duplication {sum(r['duplication'] for r in rows) / n:.3f}, "
+              f"supervised fraction {sum(r['supervised_fraction'] for r in rows) / n:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
