@@ -272,7 +272,7 @@ class _Splitter:
         obs = sorted((k for k, (j, _, _) in enumerate(out) if self.m[j]["role"] != "assistant"),
                      key=lambda k: out[k][2])
         share = room - sum(n for j, _, n in out if self.m[j]["role"] == "assistant")
-        if share < MIN_CUT * len(obs):
+        if share < sum(min(out[k][2], MIN_CUT) for k in obs):
             raise SplitError(
                 f"L_max = {self.cfg.context_len} is too small: p ({self.p_tokens} tokens) plus the "
                 f"action of turn {t} and its shortest cut observation do not fit")
@@ -341,7 +341,8 @@ class _Splitter:
     def subtrajectory(self, traj_id: str, i: int, s: int) -> tuple[SubTrajectory, int]:
         """τ⁽ⁱ⁾ whose window starts at turn s; returns it and the next window's start."""
         cfg, L = self.cfg, self.cfg.context_len
-        hist, h_tok, v_start = self.history(s, min(self.turn_tokens(s), L - self.p_tokens))
+        marker = self.count(omitted_marker(len(self.turns))) if s and cfg.mode == "klong" else 0
+        hist, h_tok, v_start = self.history(s, min(self.turn_tokens(s), L - self.p_tokens - marker))
         used = self.p_tokens + h_tok
         window, e = [], s
         while e < len(self.turns):
