@@ -140,6 +140,8 @@ class Config:
     """RL learning rate (AdamW)."""
     clip_eps: float = 0.2
     """ε of PPO-clip."""
+    std_norm: bool = False
+    """Divide the group advantage by its std (GRPO); off = the paper's Â = Q − mean."""
     kl_beta: float = 0.04
     """β of the KL(π_θ‖π_ref) term (k3 estimator)."""
     temperature: float = 1.0
