@@ -248,6 +248,8 @@ class _Splitter:
             raise SplitError(f"pinned prefix p is {self.p_tokens} tokens; L_max = "
                              f"{cfg.context_len} leaves no room for a turn: raise context_len")
         self._cuts: dict[tuple[int, int], dict] = {}
+        # tokens of the omission marker with the most digits it can have (room reserved for it)
+        self.marker_max = count(omitted_marker(len(self.turns))) if cfg.mode == "klong" else 0
 
     def cut(self, j: int, target: int) -> tuple[dict, int]:
         if target >= self.n[j]:
@@ -305,7 +307,7 @@ class _Splitter:
         cfg, L = self.cfg, self.cfg.context_len
         # the overlap V: the fewest whole turns just before s holding ≥ `overlap` tokens, as long
         # as p ⊕ V still leaves room for the next turn (resolution 2)
-        marker_max = self.count(omitted_marker(len(self.turns))) if cfg.mode == "klong" else 0
+        marker_max = self.marker_max
         v, v_tok = s, 0
         while v > 0 and v_tok < cfg.overlap:
             n = self.turn_tokens(v - 1)
@@ -341,7 +343,7 @@ class _Splitter:
     def subtrajectory(self, traj_id: str, i: int, s: int) -> tuple[SubTrajectory, int]:
         """τ⁽ⁱ⁾ whose window starts at turn s; returns it and the next window's start."""
         cfg, L = self.cfg, self.cfg.context_len
-        marker = self.count(omitted_marker(len(self.turns))) if s and cfg.mode == "klong" else 0
+        marker = self.marker_max if s else 0
         hist, h_tok, v_start = self.history(s, min(self.turn_tokens(s), L - self.p_tokens - marker))
         used = self.p_tokens + h_tok
         window, e = [], s

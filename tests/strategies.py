@@ -115,3 +115,97 @@ def packed_layouts(draw, max_rows: int = 2, max_docs: int = 4, max_segments: int
     doc_ids = [doc + [max(doc) + 1] * (S - len(doc)) for doc, _ in rows]
     seg_ids = [seg + [0] * (S - len(seg)) for _, seg in rows]
     return doc_ids, seg_ids
+
+
+# ----------------------------------------------------------------------------- kernels: fused_loss
+@st.composite
+def fused_loss_cases(draw, max_n: int = 96, max_h: int = 48, max_v: int = 1200):
+    """Shapes and options of one fused-loss call: N tokens (1..max_n), hidden H, vocabulary V
+    (awkward sizes: rarely multiples of the kernel's blocks), tokens per chunk, temperature,
+    share of ignored targets, bias or not, entropy or not, dtype name, and a seed for the tensors."""
+    n = draw(st.integers(1, max_n))
+    return dict(n=n, h=draw(st.integers(1, max_h)), v=draw(st.integers(2, max_v)),
+                chunk_rows=draw(st.integers(1, n)),
+                temperature=draw(st.sampled_from([1.0, 0.6, 1.7])),
+                ignore_frac=draw(st.sampled_from([0.0, 0.3, 1.0])),
+                bias=draw(st.booleans()), entropy=draw(st.booleans()),
+                dtype=draw(st.sampled_from(["float32", "bfloat16"])),
+                seed=draw(st.integers(0, 2**31 - 1)))
+
+
+# ----------------------------------------------------------------------------- judge: rubric trees
+JUDGE_CATEGORIES = ("Code Development", "Code Execution", "Result Analysis")
+
+
+@st.composite
+def rubric_dicts(draw, max_depth: int = 4, max_children: int = 4, max_weight: int = 3):
+    """A PaperBench rubric.json tree as a dict: ids "n0", "n1", … (unique, in creation order),
+    integer weights 0..max_weight (0 included: legal and frequent enough to matter), categories on
+    leaves only, internal nodes with 1..max_children children down to max_depth."""
+    ids = iter(range(10**9))
+
+    def node(depth: int) -> dict:
+        nid = f"n{next(ids)}"
+        weight = draw(st.integers(0, max_weight))
+        n_kids = 0 if depth == max_depth else draw(st.integers(0, max_children))
+        if n_kids == 0:
+            return {"id": nid, "requirements": f"requirement {nid}", "weight": weight,
+                    "sub_tasks": [], "task_category": draw(st.sampled_from(JUDGE_CATEGORIES)),
+                    "finegrained_task_category": None}
+        return {"id": nid, "requirements": f"requirement {nid}", "weight": weight,
+                "sub_tasks": [node(depth + 1) for _ in range(n_kids)], "task_category": None,
+                "finegrained_task_category": None}
+    return node(0)
+
+
+def rubric_leaf_ids(tree: dict) -> list[str]:
+    """Leaf ids of a rubric dict, depth first."""
+    if not tree["sub_tasks"]:
+        return [tree["id"]]
+    return [i for c in tree["sub_tasks"] for i in rubric_leaf_ids(c)]
+
+
+@st.composite
+def graded_rubrics(draw, **kwargs):
+    """(rubric dict, {leaf id: (score 0/1, valid)}) with about one leaf in eight invalid."""
+    tree = draw(rubric_dicts(**kwargs))
+    grades = {i: (float(draw(st.booleans())), draw(st.integers(0, 7)) > 0)
+              for i in rubric_leaf_ids(tree)}
+    return tree, grades
+
+
+# ----------------------------------------------------------------------------- sandbox
+_OUTPUT_PIECES = [b"plain text ", b"line\n", b"\x1b[31mred\x1b[0m", b"\x1b]0;title\x07",
+                  b"\rprogress 10%", b"\rprogress 100%", b"\r\n", b"\xff\xfe", b"\xe2\x82",
+                  "caf\u00e9 \u00fc\u4e2d\n".encode(), b"\t", b"x" * 300]
+
+
+@st.composite
+def shell_outputs(draw, max_pieces: int = 400):
+    """Raw bytes a command may print: text, ANSI escapes (CSI and OSC), `\\r` progress bars,
+    CRLF, invalid or cut UTF-8, long runs; up to ~120 KB."""
+    pieces = draw(st.lists(st.sampled_from(_OUTPUT_PIECES), max_size=max_pieces))
+    return b"".join(pieces) + draw(st.binary(max_size=64))
+
+
+def sandbox_relpaths():
+    """Relative file paths under the submission folder: 1-3 safe components."""
+    part = st.text("abcdefghijklmnopqrstuvwxyz0123456789_-", min_size=1, max_size=12)
+    return st.lists(part, min_size=1, max_size=3).map("/".join)
+
+
+@st.composite
+def blacklist_urls(draw):
+    """(a blacklisted repository URL, a spelling of it that must match, a near miss that must not)."""
+    name = st.text("abcdefghijklmnopqrstuvwxyz0123456789", min_size=2, max_size=10)
+    owner, repo = draw(name), draw(name)
+    url = f"https://github.com/{owner}/{repo}"
+    spelling = draw(st.sampled_from([
+        f"https://github.com/{owner}/{repo}", f"http://github.com/{owner}/{repo}.git",
+        f"git clone https://www.github.com/{owner}/{repo}/", f"git@github.com:{owner}/{repo}.git",
+        f"github.com/{owner}/{repo}/tree/main", f"HTTPS://GITHUB.COM/{owner.upper()}/{repo}"]))
+    near_miss = draw(st.sampled_from([f"https://github.com/{owner}/{repo}2",
+                                      f"https://github.com/{owner}/{repo}-fork",
+                                      f"https://github.com/{owner}x/{repo}",
+                                      f"https://gitlab.com/{owner}/{repo}"]))
+    return url, spelling, near_miss
