@@ -384,7 +384,7 @@ def run_rl(cfg) -> Path:
     tok, model = klong.load_model(cfg, init)
     _, ref_model = klong.load_model(cfg, _init_path(cfg))       # π_ref: the SFT model
     ref_model.eval().requires_grad_(False)
-    _, sampler = klong.load_model(cfg, init)
+    _, sampler = klong.load_model(cfg, init, for_training=False)
     sampler.eval().requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.rl_lr, betas=(0.9, 0.95),
                             weight_decay=cfg.weight_decay)
@@ -507,7 +507,7 @@ def run_eval(cfg, greedy: bool = True) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     tasks = eval_tasks(cfg)
     path = _model_to_eval(cfg)
-    tok, model = klong.load_model(cfg, path)
+    tok, model = klong.load_model(cfg, path, for_training=False)
     model.eval().requires_grad_(False)
     shared = SharedPolicy(model, tok, cfg)
     grader = judge.parse_grader(cfg.judge, backend=cfg.sandbox)

@@ -34,6 +34,7 @@ import torch
 
 import chat
 import split
+from kernels import masked_attention
 from kernels.fused_loss import token_logprobs
 
 
@@ -71,6 +72,9 @@ class Config:
     """tiny tokenizer: BPE vocabulary size."""
     dtype: str = "float32"
     """Training dtype of the weights: float32 or bfloat16."""
+    attention: str = "auto"
+    """Training attention over packed rows: kernel (kernels/masked_attention.py: Triton on CUDA,
+    its reference elsewhere), mask (sdpa with an additive 4D mask), auto (kernel on CUDA)."""
 
     # --- trajectory splitting (split.SplitConfig)
     context_len: int = 384
@@ -255,8 +259,10 @@ def tiny_tokenizer(cfg: Config):
     return chat.build_tiny_tokenizer(factory.tokenizer_text(), vocab_size=cfg.vocab_size)
 
 
-def load_model(cfg: Config, path: str | None = None):
-    """(tokenizer, model): a checkpoint folder, a Hugging Face path, or the tiny config."""
+def load_model(cfg: Config, path: str | None = None, for_training: bool = True):
+    """(tokenizer, model): a checkpoint folder, a Hugging Face path, or the tiny config. A model
+    for training gets the masked shared-prefix attention where configured; one for sampling keeps
+    sdpa (the kernel is training-time attention over packed rows, no KV cache)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
     dtype = getattr(torch, cfg.dtype)
     path = path or cfg.init or (None if cfg.model == "tiny" else cfg.model)
@@ -277,7 +283,10 @@ def load_model(cfg: Config, path: str | None = None):
             tie_word_embeddings=False, pad_token_id=tok.pad_token_id,
             eos_token_id=chat.stop_token_id(tok), bos_token_id=None)).to(dtype)
     model.config.use_cache = False
-    return tok, model.to(pick_device(cfg))
+    device = pick_device(cfg)
+    if for_training and (cfg.attention == "kernel" or (cfg.attention == "auto" and device.type == "cuda")):
+        model.set_attn_implementation(masked_attention.register_hf())
+    return tok, model.to(device)
 
 
 def packed_logprobs(model, packed: split.Packed, temperature: float = 1.0) -> torch.Tensor:
@@ -287,10 +296,13 @@ def packed_logprobs(model, packed: split.Packed, temperature: float = 1.0) -> to
     Triton on CUDA, its chunked reference on CPU) so [B·T, V] logits never exist.
     """
     dev = next(model.parameters()).device
-    hidden = model.get_decoder()(
-        input_ids=packed.input_ids.to(dev), position_ids=packed.position_ids.to(dev),
-        attention_mask=packed.attention_mask(next(model.parameters()).dtype).to(dev),
-    ).last_hidden_state                                                  # (B, T, H)
+    if model.config._attn_implementation == masked_attention.HF_KEY:
+        mask = {"doc_ids": packed.doc.to(dev), "seg_ids": packed.seg.to(dev)}
+    else:                                      # the same mask, materialised: [B, 1, T, T]
+        mask = {"attention_mask": packed.attention_mask(next(model.parameters()).dtype).to(dev)}
+    hidden = model.get_decoder()(input_ids=packed.input_ids.to(dev),
+                                 position_ids=packed.position_ids.to(dev),
+                                 **mask).last_hidden_state                # (B, T, H)
     head = model.get_output_embeddings()
     B, T, H = hidden.shape
     logp = token_logprobs(hidden.reshape(B * T, H), head.weight, packed.targets.to(dev).reshape(-1),
