@@ -401,6 +401,24 @@ def build_rows(trajs: list[split.Trajectory], tok, cfg: Config) -> list[list[spl
 
 # ----------------------------------------------------------------------------- SFT loop
 
+def sft_step(model, opt, batches: list[split.Packed], clip: float) -> tuple[float, float]:
+    """One optimizer step over micro-batches (gradient accumulation); returns (loss, grad norm).
+
+    L_SFT = − Σ_i Σ_t log P_θ(a_t | τ⁽ⁱ⁾_<t) over the supervised tokens of the step, divided by
+    their number (the paper sums; the token mean only rescales the learning rate).
+    """
+    n_tok = max(sum(b.n_supervised for b in batches), 1)
+    loss_sum = 0.0
+    for b in batches:
+        loss = -packed_logprobs(model, b).sum() / n_tok                  # logp: (B, T)
+        loss.backward()
+        loss_sum += loss.item()
+    gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss_sum, float(gnorm)
+
+
 def lr_lambda(cfg: Config, total: int):
     """Linear warm-up to lr, then cosine to lr × min_lr_ratio."""
     def f(step):
@@ -515,17 +533,8 @@ def run_sft(cfg: Config) -> Path:
         t0 = time.perf_counter()
         batches = [batch(step * cfg.grad_accum + a) for a in range(cfg.grad_accum)]
         n_tok = sum(b.n_supervised for b in batches)
-        loss_sum = 0.0
-        for b in batches:
-            logp = packed_logprobs(model, b)                             # (B, T)
-            # L_SFT = − Σ_i Σ_t log P_θ(a_t | τ⁽ⁱ⁾_<t), divided by the step's supervised tokens
-            loss = -logp.sum() / max(n_tok, 1)
-            loss.backward()
-            loss_sum += loss.item()
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
-        opt.step()
+        loss_sum, gnorm = sft_step(model, opt, batches, cfg.clip)
         sched.step()
-        opt.zero_grad(set_to_none=True)
         step += 1
         dt = time.perf_counter() - t0
         tokens = sum(int(b.input_ids.numel()) for b in batches)
