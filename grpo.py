@@ -46,6 +46,8 @@ import klong
 import sandbox
 import split
 
+TIMEOUTS = ("max_turns", "max_seconds")      # a rollout stopped by its stage's timeout
+
 # ----------------------------------------------------------------------------- the math (pure)
 
 
@@ -270,7 +272,11 @@ class RolloutManager:
             self._add(Rollout(group, task.id, None, split.Trajectory(f"{group}-{k}", task.id, [], 0),
                               "crash", 0, time.perf_counter() - t0, 0.0, failed=f"sandbox: {e}"))
             return
-        # resolution 8: judged as a TRAIN job; the rollout worker is free again at once
+        if ep.failed or ep.submission_dir is None:                 # resolution 6
+            self._add(Rollout(group, task.id, None, ep.trajectory, ep.stop_reason, ep.turns,
+                              ep.wall_s, 0.0, failed=ep.stop_reason))
+            return
+        # resolution 8: judged as a TRAIN job
         job = self.queue.submit(lambda: judge.grade_submission(
             task.dir, ep.submission_dir, self.grader, backend=self.cfg.sandbox).score,
             judge.Priority.TRAIN, deadline_s=600)
@@ -447,7 +453,7 @@ def run_rl(cfg) -> Path:
             rec = {"step": step.index + 1, "stage": step.stage, "timeout": step.timeout,
                    "reward_mean": statistics.fmean(rewards),
                    "reward_std": statistics.pstdev(rewards),
-                   "timeout_rate": statistics.fmean([r.stop_reason == "budget" for r in done] or [0]),
+                   "timeout_rate": statistics.fmean([r.stop_reason in TIMEOUTS for r in done] or [0]),
                    "turns": statistics.fmean([r.turns for r in done] or [0]),
                    "judge_wait_s": statistics.fmean([r.judge_wait_s for r in done] or [0]),
                    "staleness": statistics.fmean(stale or [0]), "dropped_stale": dropped,
@@ -530,7 +536,7 @@ def run_eval(cfg, greedy: bool = True) -> dict:
                         score = None
                         print(f"[eval] judge failed on {task.id}: {e}", flush=True)
                 rows.append({"seed": seed, "task": task.id, "score": score, "turns": ep.turns,
-                             "wall_s": ep.wall_s, "timed_out": ep.stop_reason == "budget",
+                             "wall_s": ep.wall_s, "timed_out": ep.stop_reason in TIMEOUTS,
                              "stop_reason": ep.stop_reason})
                 bar.update(1)
         bar.close()

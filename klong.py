@@ -34,7 +34,7 @@ import torch
 
 import chat
 import split
-from kernels import masked_attention
+from kernels.masked_attention import HF_KEY, register_hf
 from kernels.fused_loss import token_logprobs
 
 
@@ -77,11 +77,11 @@ class Config:
     its reference elsewhere), mask (sdpa with an additive 4D mask), auto (kernel on CUDA)."""
 
     # --- trajectory splitting (split.SplitConfig)
-    context_len: int = 384
+    context_len: int = 512
     """L_max: tokens per sub-trajectory, and the agent's live context window."""
     overlap: int = 48
     """Tokens of whole turns repeated from the previous sub-trajectory."""
-    history: float = 0.4
+    history: float = 0.25
     """Share of L_max − |p| for C_i: the overlap plus progressively truncated older turns."""
     supervise_overlap: bool = False
     """Train overlap actions again (the paper's literal loss) instead of exactly once."""
@@ -285,7 +285,7 @@ def load_model(cfg: Config, path: str | None = None, for_training: bool = True):
     model.config.use_cache = False
     device = pick_device(cfg)
     if for_training and (cfg.attention == "kernel" or (cfg.attention == "auto" and device.type == "cuda")):
-        model.set_attn_implementation(masked_attention.register_hf())
+        model.set_attn_implementation(register_hf())
     return tok, model.to(device)
 
 
@@ -296,7 +296,7 @@ def packed_logprobs(model, packed: split.Packed, temperature: float = 1.0) -> to
     Triton on CUDA, its chunked reference on CPU) so [B·T, V] logits never exist.
     """
     dev = next(model.parameters()).device
-    if model.config._attn_implementation == masked_attention.HF_KEY:
+    if model.config._attn_implementation == HF_KEY:
         mask = {"doc_ids": packed.doc.to(dev), "seg_ids": packed.seg.to(dev)}
     else:                                      # the same mask, materialised: [B, 1, T, T]
         mask = {"attention_mask": packed.attention_mask(next(model.parameters()).dtype).to(dev)}

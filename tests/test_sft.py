@@ -246,14 +246,14 @@ def test_sft_killed_and_rerun_resumes_and_matches_an_uninterrupted_run(tmp_path)
 def test_kernel_attention_path_gives_the_same_logprobs_as_the_mask_path(tok, tiny_model):
     """klong.packed_logprobs through kernels/masked_attention (its reference on CPU) equals the
     sdpa + additive 4D mask path on a packed shared-prefix batch."""
-    from kernels import masked_attention
+    from kernels.masked_attention import register_hf
     traj = split.trajectory_from_dict(make_trajectory(6, 30, 30, 0.0, 0))
     subs = [split.tokenize(x, split.cached_encoder(tok)) for x in split.split_trajectory(
         traj, chat.count_tokens(tok), split.SplitConfig(context_len=320, overlap=40))]
     packed = split.pack(subs, 2048, pad_id=tok.pad_token_id)
     with torch.no_grad():
         a = klong.packed_logprobs(tiny_model, packed)
-        tiny_model.set_attn_implementation(masked_attention.register_hf())
+        tiny_model.set_attn_implementation(register_hf())
         try:
             b = klong.packed_logprobs(tiny_model, packed)
         finally:
