@@ -230,8 +230,10 @@ class _LockedPolicy:
 
 def budget_for(cfg, timeout: float) -> "sandbox.Budget":
     turns = cfg.rl_timeout_unit == "turns"
+    # no time reminders: the factory's trajectories have none, so contexts look like training
     return sandbox.Budget(max_turns=int(timeout) if turns else None,
-                          max_seconds=None if turns else float(timeout), context=cfg.split)
+                          max_seconds=None if turns else float(timeout), context=cfg.split,
+                          reminder_every=0)
 
 
 class RolloutManager:
@@ -257,6 +259,9 @@ class RolloutManager:
             self.groups.setdefault(r.group, []).append(r)
 
     def request(self, group: str, task, n: int, timeout: float) -> None:
+        """Start the missing rollouts of a group (idempotent; restored rollouts count)."""
+        if group in self.expected:
+            return
         have = len(self.groups.get(group, []))
         self.expected[group] = n
         for k in range(have, n):
@@ -422,11 +427,10 @@ def run_rl(cfg) -> Path:
     log = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()] \
         if (out / "log.jsonl").exists() else []
     bar = tqdm(total=len(steps), initial=start, desc="rl", unit="step", dynamic_ncols=True)
-    if start < len(steps):
-        request(steps[start])
     try:
         for step in steps[start:]:
             t0 = time.perf_counter()
+            request(step)                         # no-op when it was started during the last step
             nxt = steps[step.index + 1] if step.index + 1 < len(steps) else None
             if nxt is not None and nxt.stage == step.stage:
                 request(nxt)                      # partial rollouts: the next step starts now

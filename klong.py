@@ -116,7 +116,7 @@ class Config:
     """Checkpoint every N optimizer steps (and at the end)."""
 
     # --- Research-Factory (factory.FactoryConfig)
-    n_tasks: int = 48
+    n_tasks: int = 32
     """Synthetic training tasks to generate and distil."""
     eval_tasks: int = 12
     """Held-out synthetic tasks for evaluation."""
@@ -130,9 +130,10 @@ class Config:
     """Scripted expert: probability of its systematic, neutral extra turn (RL headroom)."""
 
     # --- progressive RL (grpo.py)
-    rl_timeouts: tuple[int, ...] = (24, 36, 48)
-    """T⁽¹⁾ < … < T⁽ᴹ⁾: rollout budget per stage (assistant turns in tiny; seconds in 8gpu)."""
-    rl_steps: tuple[int, ...] = (3, 3, 3)
+    rl_timeouts: tuple[int, ...] = (24, 48, 68)
+    """T⁽¹⁾ < … < T⁽ᴹ⁾: rollout budget per stage (assistant turns in tiny, where a synthetic task
+    needs 2M+2 = 50-66 turns and the evaluation budget is 68; seconds in 8gpu: 2 h, 4 h, 6 h)."""
+    rl_steps: tuple[int, ...] = (2, 2, 2)
     """Optimizer steps per stage."""
     rl_timeout_unit: str = "turns"
     """What rl_timeouts count: turns (deterministic tiny runs) or seconds (wall clock)."""
@@ -164,7 +165,7 @@ class Config:
     """Evaluation tasks: a folder of PaperBench-format task folders (empty: held-out synthetic)."""
     seeds: int = 1
     """Evaluation: seeds (repeats) per task."""
-    eval_timeout: int = 64
+    eval_timeout: int = 68
     """Evaluation budget per episode (same unit as rl_timeout_unit)."""
     sandbox: str = "auto"
     """Sandbox backend: auto (docker if an engine answers, else local), local or docker."""
@@ -175,7 +176,7 @@ class Config:
     def split(self) -> split.SplitConfig:
         return split.SplitConfig(context_len=self.context_len, overlap=self.overlap,
                                  history=self.history, supervise_overlap=self.supervise_overlap,
-                                 mode=self.split_mode, reserve=self.max_new_tokens)
+                                 mode=self.split_mode, reserve=self.max_new_tokens + 1)
 
 
 PRESETS: dict[str, dict] = {
