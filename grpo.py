@@ -41,6 +41,7 @@ from pathlib import Path
 
 import torch
 
+import dist
 import judge
 import klong
 import sandbox
@@ -153,24 +154,30 @@ class Rollout:
 
 
 def rl_update(model, ref_model, opt, groups: list[list[Rollout]], cfg, pad_id: int) -> dict:
-    """One optimizer step on the groups of a step (L_RL above; 1/(n·K) per task, mean over tasks)."""
+    """One optimizer step on the groups of a step (L_RL above; 1/(n·K) per task, mean over tasks).
+
+    Under torchrun every rank holds all the groups (run_rl broadcasts them) and trains on its share
+    of the tasks (dist.share); the normaliser counts the tasks of all ranks and FSDP sums the
+    ranks' gradients (dist.shard), so the step equals the one-process step. A rank with one task
+    fewer runs a padding task (None: a real task's batch with an empty mask, zero loss)."""
     model.train()
     opt.zero_grad(set_to_none=True)
-    stats = {"kl": [], "clip_frac": [], "tokens": 0, "sub_trajectories": 0}
+    stats = {"kl": 0.0, "clip_frac": 0.0, "tasks": 0, "tokens": 0, "sub_trajectories": 0}
     tasks = [g for g in groups if g]
-    for g in tasks:
+    trainable = [g for g in tasks if any(r.trajectory.samples for r in g)]   # ≥ 1 sequence
+    for g in dist.share(trainable):
+        real = g is not None
+        g = g if real else trainable[0]
         seqs_of = [sampled_subtrajectories(r.trajectory.samples) for r in g]
         K = [len(s) for s in seqs_of]
         A = group_advantages([r.score for r in g], K, std_norm=cfg.std_norm)
         seqs = [s for ss in seqs_of for s in ss]
-        if not seqs:
-            continue
         adv_of = [a for a, ss in zip(A, seqs_of) for _ in ss]
         batch, index = _as_packed(seqs, pad_id)
         flat_old = torch.tensor([x for s in seqs for x in s.old_logp])
         flat_adv = torch.tensor([a for a, s in zip(adv_of, seqs) for _ in s.ids])
         idx = index.targets.clamp(min=0)                                 # (B, T)
-        mask = index.targets != split.IGNORE
+        mask = (index.targets != split.IGNORE) & real
         logp = klong.packed_logprobs(model, batch, cfg.temperature)     # (B, T)
         with torch.no_grad():
             ref_logp = klong.packed_logprobs(ref_model, batch, cfg.temperature)
@@ -179,17 +186,19 @@ def rl_update(model, ref_model, opt, groups: list[list[Rollout]], cfg, pad_id: i
                                   mask.to(dev), cfg.clip_eps, cfg.kl_beta)
         loss = loss_sum / (sum(K) * len(tasks))                         # 1/(n·K), mean over tasks
         loss.backward()
-        stats["kl"].append(d["kl"])
-        stats["clip_frac"].append(d["clip_frac"])
-        stats["tokens"] += int(mask.sum())
-        stats["sub_trajectories"] += sum(K)
-    gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
+        if real:
+            stats["kl"] += d["kl"]
+            stats["clip_frac"] += d["clip_frac"]
+            stats["tasks"] += 1
+            stats["tokens"] += int(mask.sum())
+            stats["sub_trajectories"] += sum(K)
+    gnorm = dist.clip_grad_norm_(model.parameters(), cfg.clip)
     opt.step()
     opt.zero_grad(set_to_none=True)
-    return {"kl": statistics.fmean(stats["kl"]) if stats["kl"] else 0.0,
-            "clip_frac": statistics.fmean(stats["clip_frac"]) if stats["clip_frac"] else 0.0,
-            "action_tokens": stats["tokens"], "sub_trajectories": stats["sub_trajectories"],
-            "grad_norm": float(gnorm)}
+    kl, clip_frac, n, tokens, subs = dist.all_reduce_sum(
+        [stats["kl"], stats["clip_frac"], stats["tasks"], stats["tokens"], stats["sub_trajectories"]])
+    return {"kl": kl / n if n else 0.0, "clip_frac": clip_frac / n if n else 0.0,
+            "action_tokens": int(tokens), "sub_trajectories": int(subs), "grad_norm": gnorm}
 
 
 # ----------------------------------------------------------------------------- rollouts
@@ -384,104 +393,124 @@ def plot_rewards(log: list[dict], path: Path) -> None:
 
 def run_rl(cfg) -> Path:
     """All stages on the configured tasks; checkpoint every step; a killed run resumes with every
-    judged rollout kept (rollouts.jsonl) and the consumed ones recorded in the checkpoint."""
+    judged rollout kept (rollouts.jsonl) and the consumed ones recorded in the checkpoint.
+
+    Under torchrun (dist.py) rank 0 alone samples rollouts (its sampler copy, the sandbox pool and
+    the judge queue), logs and plots; it broadcasts each step's judged groups, every rank trains
+    on its share (rl_update), and the new weights are gathered on rank 0 for its sampler."""
     from tqdm import tqdm
     out = Path(cfg.run_dir) / "rl"
     out.mkdir(parents=True, exist_ok=True)
+    if dist.is_main():
+        training_tasks(cfg)                                     # made once, by rank 0
+    dist.barrier()
     tasks = training_tasks(cfg)
     steps = schedule(cfg, len(tasks))
     resume = klong.latest_checkpoint(out)
-    init = str(resume) if resume else _init_path(cfg)
+    init = _init_path(cfg)
     tok, model = klong.load_model(cfg, init)
-    _, ref_model = klong.load_model(cfg, _init_path(cfg))       # π_ref: the SFT model
-    ref_model.eval().requires_grad_(False)
-    _, sampler = klong.load_model(cfg, init, for_training=False)
-    sampler.eval().requires_grad_(False)
+    model = dist.shard(model, cfg)
+    _, ref_model = klong.load_model(cfg, init)                  # π_ref: the SFT model
+    ref_model = dist.shard(ref_model.eval().requires_grad_(False), cfg)
+    if dist.is_main():                                          # rollouts sample from this copy
+        _, sampler = klong.load_model(cfg, init, for_training=False)
+        sampler.eval().requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.rl_lr, betas=(0.9, 0.95),
                             weight_decay=cfg.weight_decay)
     start, consumed = 0, set()
     if resume:
-        st = torch.load(resume / "trainer_state.pt", weights_only=False)
-        opt.load_state_dict(st["optimizer"])
+        st = klong.load_checkpoint(resume, model, opt)
         klong.set_rng_state(st["rng"])
         start, consumed = st["step"], set(st["consumed"])
-        klong._truncate_log(out / "log.jsonl", start)
-        print(f"[rl] resumed from {resume} at step {start}", flush=True)
-    print(f"[rl] {len(tasks)} tasks, stages T={list(cfg.rl_timeouts)} ({cfg.rl_timeout_unit}), "
-          f"steps {list(cfg.rl_steps)}, n={cfg.n_rollouts}, init={init or 'fresh tiny model'}",
-          flush=True)
-    shared = SharedPolicy(sampler, tok, cfg)
-    shared.version = start
-    grader = judge.parse_grader(cfg.judge, backend=cfg.sandbox)
-    queue = judge.JudgeQueue(workers=cfg.judge_workers)
-    work = Path(tempfile.mkdtemp(prefix="klong_rl_"))
-    mgr = RolloutManager(shared, queue, grader, cfg, out / "rollouts.jsonl", work)
-    if (out / "rollouts.jsonl").exists():
-        mgr.restore([r for r in map(rollout_from_dict, map(json.loads,
-                     (out / "rollouts.jsonl").read_text().splitlines())) if r.group not in consumed])
+        if dist.is_main():
+            klong._truncate_log(out / "log.jsonl", start)
+        dist.print0(f"[rl] resumed from {resume} at step {start}")
+    dist.print0(f"[rl] {len(tasks)} tasks, stages T={list(cfg.rl_timeouts)} ({cfg.rl_timeout_unit}), "
+                f"steps {list(cfg.rl_steps)}, n={cfg.n_rollouts}, init={init or 'fresh tiny model'}, "
+                f"{dist.world()} process(es)")
+    weights = dist.full_state_dict(model)                       # rank 0: the policy to sample
+    if dist.is_main():
+        shared = SharedPolicy(sampler, tok, cfg)
+        shared.publish(weights, start)
+        grader = judge.parse_grader(cfg.judge, backend=cfg.sandbox)
+        queue = judge.JudgeQueue(workers=cfg.judge_workers)
+        work = Path(tempfile.mkdtemp(prefix="klong_rl_"))
+        mgr = RolloutManager(shared, queue, grader, cfg, out / "rollouts.jsonl", work)
+        if (out / "rollouts.jsonl").exists():
+            mgr.restore([r for r in map(rollout_from_dict, map(json.loads,
+                         (out / "rollouts.jsonl").read_text().splitlines()))
+                         if r.group not in consumed])
 
     def request(step: Step) -> None:
         for g, t in step.groups:
             mgr.request(g, tasks[t], cfg.n_rollouts, step.timeout)
 
+    def collect(step: Step) -> tuple[list[list[Rollout]], dict]:
+        """Rank 0: the step's judged groups without failed or too-stale rollouts, and counts."""
+        request(step)                             # no-op when it was started during the last step
+        nxt = steps[step.index + 1] if step.index + 1 < len(steps) else None
+        if nxt is not None and nxt.stage == step.stage:
+            request(nxt)                          # partial rollouts: the next step starts now
+        groups = mgr.wait_groups([g for g, _ in step.groups])
+        version = shared.version
+        kept, dropped, failed, stale = [], 0, 0, []
+        for g in groups:
+            ok = []
+            for r in g:
+                if r.failed or r.score is None:
+                    failed += 1                       # resolution 6
+                elif version - r.min_version > cfg.max_staleness:
+                    dropped += 1                      # resolution 7
+                else:
+                    ok.append(r)
+                    stale.append(version - r.min_version)
+            kept.append(ok)
+        done = [r for g in kept for r in g]
+        rewards = [r.score for r in done] or [0.0]
+        return kept, {"reward_mean": statistics.fmean(rewards),
+                      "reward_std": statistics.pstdev(rewards),
+                      "timeout_rate": statistics.fmean([r.stop_reason in TIMEOUTS for r in done] or [0]),
+                      "turns": statistics.fmean([r.turns for r in done] or [0]),
+                      "judge_wait_s": statistics.fmean([r.judge_wait_s for r in done] or [0]),
+                      "staleness": statistics.fmean(stale or [0]), "dropped_stale": dropped,
+                      "failed": failed, "rollouts": len(done)}
+
     log = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()] \
         if (out / "log.jsonl").exists() else []
-    bar = tqdm(total=len(steps), initial=start, desc="rl", unit="step", dynamic_ncols=True)
+    bar = tqdm(total=len(steps), initial=start, desc="rl", unit="step", dynamic_ncols=True,
+               disable=not dist.is_main())
     try:
         for step in steps[start:]:
             t0 = time.perf_counter()
-            request(step)                         # no-op when it was started during the last step
-            nxt = steps[step.index + 1] if step.index + 1 < len(steps) else None
-            if nxt is not None and nxt.stage == step.stage:
-                request(nxt)                      # partial rollouts: the next step starts now
-            groups = mgr.wait_groups([g for g, _ in step.groups])
-            version = shared.version
-            kept, dropped, failed, stale = [], 0, 0, []
-            for g in groups:
-                ok = []
-                for r in g:
-                    if r.failed or r.score is None:
-                        failed += 1                       # resolution 6
-                    elif version - r.min_version > cfg.max_staleness:
-                        dropped += 1                      # resolution 7
-                    else:
-                        ok.append(r)
-                        stale.append(version - r.min_version)
-                kept.append(ok)
+            kept, info = collect(step) if dist.is_main() else (None, {})
+            kept = dist.broadcast(kept)                   # every rank: all groups of the step
             d = rl_update(model, ref_model, opt, kept, cfg, tok.pad_token_id)
-            shared.publish({k: v.detach().clone() for k, v in model.state_dict().items()},
-                           version + 1)
+            weights = dist.full_state_dict(model)
             consumed |= {g for g, _ in step.groups}
-            done = [r for g in kept for r in g]
-            rewards = [r.score for r in done] or [0.0]
-            rec = {"step": step.index + 1, "stage": step.stage, "timeout": step.timeout,
-                   "reward_mean": statistics.fmean(rewards),
-                   "reward_std": statistics.pstdev(rewards),
-                   "timeout_rate": statistics.fmean([r.stop_reason in TIMEOUTS for r in done] or [0]),
-                   "turns": statistics.fmean([r.turns for r in done] or [0]),
-                   "judge_wait_s": statistics.fmean([r.judge_wait_s for r in done] or [0]),
-                   "staleness": statistics.fmean(stale or [0]), "dropped_stale": dropped,
-                   "failed": failed, "rollouts": len(done), "step_s": time.perf_counter() - t0, **d}
-            log.append(rec)
-            with open(out / "log.jsonl", "a") as f:
-                f.write(json.dumps(rec) + "\n")
-            klong.save_checkpoint(out, model, tok, {
-                "step": step.index + 1, "optimizer": opt.state_dict(), "rng": klong.rng_state(),
-                "consumed": sorted(consumed), "config": asdict(cfg)})
-            plot_rewards(log, out / "reward.png")
+            if dist.is_main():
+                shared.publish(weights, shared.version + 1)
+                rec = {"step": step.index + 1, "stage": step.stage, "timeout": step.timeout,
+                       **info, "step_s": time.perf_counter() - t0, **d}
+                log.append(rec)
+                with open(out / "log.jsonl", "a") as f:
+                    f.write(json.dumps(rec) + "\n")
+            klong.save_checkpoint(out, model, opt, tok, {
+                "step": step.index + 1, "rng": klong.rng_state(), "consumed": sorted(consumed),
+                "config": asdict(cfg)})
+            if dist.is_main():
+                plot_rewards(log, out / "reward.png")
             bar.update(1)
-            bar.set_postfix(stage=step.stage + 1, reward=f"{rec['reward_mean']:.3f}",
+            bar.set_postfix(stage=step.stage + 1, reward=f"{info.get('reward_mean', 0):.3f}",
                             kl=f"{d['kl']:.4f}")
     finally:
         bar.close()
-        mgr.close()
-        queue.close(cancel_pending=True)
-        shutil.rmtree(work, ignore_errors=True)
+        if dist.is_main():
+            mgr.close()
+            queue.close(cancel_pending=True)
+            shutil.rmtree(work, ignore_errors=True)
     final = out / "final"
-    shutil.rmtree(final, ignore_errors=True)
-    model.save_pretrained(final)
-    tok.save_pretrained(final)
-    print(f"[rl] done: {final}; metrics {out / 'log.jsonl'}, plot {out / 'reward.png'}", flush=True)
+    dist.export_pretrained(final, model, tok, getattr(torch, cfg.dtype))
+    dist.print0(f"[rl] done: {final}; metrics {out / 'log.jsonl'}, plot {out / 'reward.png'}")
     return final
 
 

@@ -26,13 +26,14 @@ import random
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 import chat
+import dist
 import split
 from kernels.masked_attention import HF_KEY, register_hf
 from kernels.fused_loss import token_logprobs
@@ -71,11 +72,15 @@ class Config:
     vocab_size: int = 1024
     """tiny tokenizer: BPE vocabulary size."""
     dtype: str = "float32"
-    """Training dtype of the weights: float32 or bfloat16."""
+    """Training dtype of the weights: float32 or bfloat16. Under torchrun, bfloat16 means FSDP
+    mixed precision: fp32 master weights, bf16 compute, fp32 gradient reduction (dist.shard)."""
     attention: str = "kernel"
     """Training attention over packed rows: kernel (kernels/masked_attention.py: Triton on CUDA,
     its per-segment SDPA reference elsewhere, 1.7× faster than the dense mask on the tiny CPU
     run) or mask (sdpa with the materialised additive [B, 1, T, T] mask)."""
+    activation_checkpointing: bool = False
+    """Recompute each decoder layer's activations in the backward instead of storing them (keeps
+    one [T, H] input per layer: what makes 64K-token rows fit; costs ~one extra forward)."""
 
     # --- trajectory splitting (split.SplitConfig)
     context_len: int = 512
@@ -183,9 +188,11 @@ class Config:
 PRESETS: dict[str, dict] = {
     "tiny": {},
     # One 8-GPU box (H100/H200 80-141 GB): a 7B model at 64K context. FSDP2 across the 8 GPUs,
-    # bf16 weights, fused loss + masked attention kernels; numbers follow the paper where it gives
-    # them (RL stages of 2 h / 4 h / 6 h) and common practice where it does not.
+    # bf16 compute (fp32 master weights), activation checkpointing, fused loss + masked attention
+    # kernels (memory budget: README "Scaling up"); numbers follow the paper where it gives them
+    # (RL stages of 2 h / 4 h / 6 h) and common practice where it does not.
     "8gpu": dict(run_dir="runs/8gpu", model="Qwen/Qwen2.5-7B-Instruct", dtype="bfloat16",
+                 activation_checkpointing=True,
                  context_len=65536, overlap=4096, history=0.3, pack_len=131072, sft_steps=2000,
                  batch_rows=1, grad_accum=8, lr=1e-5, warmup=100, save_every=200,
                  n_tasks=1000, eval_tasks=20, attempts=4, threshold=0.5,
@@ -297,8 +304,13 @@ def packed_logprobs(model, packed: split.Packed, temperature: float = 1.0) -> to
     """log π(targets) for every position of a packed batch, [B, T] (0 where target = −100).
 
     The decoder runs once; the LM head and the log-softmax are fused (kernels/fused_loss.py:
-    Triton on CUDA, its chunked reference on CPU) so [B·T, V] logits never exist.
+    Triton on CUDA, its chunked reference on CPU) so [B·T, V] logits never exist. It runs as the
+    model's forward (dist.call), so under FSDP the LM head's weight is gathered for the fused loss.
     """
+    return dist.call(model, _packed_logprobs, packed, temperature)
+
+
+def _packed_logprobs(model, packed: split.Packed, temperature: float) -> torch.Tensor:
     dev = next(model.parameters()).device
     if model.config._attn_implementation == HF_KEY:
         mask = {"doc_ids": packed.doc.to(dev), "seg_ids": packed.seg.to(dev)}
@@ -410,17 +422,21 @@ def sft_step(model, opt, batches: list[split.Packed], clip: float) -> tuple[floa
 
     L_SFT = − Σ_i Σ_t log P_θ(a_t | τ⁽ⁱ⁾_<t) over the supervised tokens of the step, divided by
     their number (the paper sums; the token mean only rescales the learning rate).
+
+    Under torchrun `batches` is this rank's share of the step's micro-batches; the normaliser is
+    the step's supervised-token count summed over ranks and FSDP sums the ranks' gradients
+    (dist.shard), so the step is the one-process step. Loss and norm are global.
     """
-    n_tok = max(sum(b.n_supervised for b in batches), 1)
+    n_tok = max(dist.all_reduce_sum(sum(b.n_supervised for b in batches)), 1)
     loss_sum = 0.0
     for b in batches:
         loss = -packed_logprobs(model, b).sum() / n_tok                  # logp: (B, T)
         loss.backward()
         loss_sum += loss.item()
-    gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    gnorm = dist.clip_grad_norm_(model.parameters(), clip)
     opt.step()
     opt.zero_grad(set_to_none=True)
-    return loss_sum, float(gnorm)
+    return dist.all_reduce_sum(loss_sum), gnorm
 
 
 def lr_lambda(cfg: Config, total: int):
@@ -444,21 +460,35 @@ def set_rng_state(s: dict) -> None:
     torch.set_rng_state(s["torch"])
 
 
-def save_checkpoint(out: Path, model, tok, state: dict, keep: int = 2) -> Path:
-    """`out/checkpoint-STEP/`: a save_pretrained folder + trainer_state.pt; `COMPLETE` is written
-    last, so a kill during saving never leaves a checkpoint that looks whole."""
+def save_checkpoint(out: Path, model, opt, tok, state: dict, keep: int = 2) -> Path:
+    """`out/checkpoint-STEP/`: `dcp/` (model + optimizer, sharded by torch.distributed.checkpoint:
+    one file per rank, resumable with any number of processes), the tokenizer and
+    trainer_state.pt (step, scheduler, RNG, ...). `COMPLETE` is written last, so a kill during
+    saving never leaves a checkpoint that looks whole. Every rank calls it. The loadable
+    save_pretrained folder is the stage's `final/` (dist.export_pretrained)."""
     ck = out / f"checkpoint-{state['step']}"
     tmp = out / f".tmp-checkpoint-{state['step']}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    torch.save(state, tmp / "trainer_state.pt")
-    (tmp / "COMPLETE").write_text("ok")
-    shutil.rmtree(ck, ignore_errors=True)
-    tmp.rename(ck)
-    for old in sorted(_checkpoints(out), key=_step_of)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    if dist.is_main():
+        shutil.rmtree(tmp, ignore_errors=True)
+    dist.barrier()
+    dist.save_sharded(tmp / "dcp", model, opt)
+    if dist.is_main():
+        tok.save_pretrained(tmp)
+        torch.save(state, tmp / "trainer_state.pt")
+        (tmp / "COMPLETE").write_text("ok")
+        shutil.rmtree(ck, ignore_errors=True)
+        tmp.rename(ck)
+        for old in sorted(_checkpoints(out), key=_step_of)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
     return ck
+
+
+def load_checkpoint(ck: Path, model, opt) -> dict:
+    """Restore the model and optimizer saved by `save_checkpoint` (model already built and
+    sharded for this world size); returns trainer_state.pt. Every rank calls it."""
+    dist.load_sharded(ck / "dcp", model, opt)
+    return torch.load(ck / "trainer_state.pt", weights_only=False)
 
 
 def _checkpoints(out: Path) -> list[Path]:
@@ -483,41 +513,52 @@ def _truncate_log(path: Path, step: int) -> None:
 
 
 def default_data(cfg: Config) -> str:
-    """The factory's trajectories in run_dir; generated (offline, ~1 min) if missing."""
+    """The factory's trajectories in run_dir; generated (offline, ~1 min, by rank 0) if missing."""
     path = Path(cfg.run_dir) / "factory" / "trajectories.jsonl"
-    if not path.exists():
+    if dist.is_main() and not path.exists():
         print(f"[sft] no --data and no {path}: running the factory first", flush=True)
         run_factory(cfg)
+    dist.barrier()
     return str(path)
+
+
+def _no_loss(b: split.Packed) -> split.Packed:
+    """A padding micro-batch (dist.share): the same tokens with no targets, so zero loss and zero
+    gradient; it keeps a rank with one micro-batch fewer in step with FSDP's collectives."""
+    return replace(b, targets=torch.full_like(b.targets, split.IGNORE))
 
 
 def run_sft(cfg: Config) -> Path:
     """Stage 1 (comprehensive SFT, with --data sources) and stage 3 (trajectory-splitting SFT):
     AdamW, warm-up + cosine, accumulation, clipping, loss on labels only. Resumes from the last
-    complete checkpoint in run_dir/sft. Returns the final save_pretrained folder."""
+    complete checkpoint in run_dir/sft. Returns the final save_pretrained folder.
+
+    Under torchrun (dist.py) every rank runs this function: each takes its share of a step's
+    micro-batches, rank 0 alone prints, logs and shows the progress bar."""
     from tqdm import tqdm
     out = Path(cfg.run_dir) / "sft"
     out.mkdir(parents=True, exist_ok=True)
     resume = latest_checkpoint(out)
-    tok, model = load_model(cfg, str(resume) if resume else None)
+    tok, model = load_model(cfg)
+    model = dist.shard(model, cfg)
     trajs = mix_sources(cfg.data or default_data(cfg), cfg.seed)
     rows = build_rows(trajs, tok, cfg)
     n_sup = sum(sum(1 for y in s.labels if y != split.IGNORE) for r in rows for s in r)
-    print(f"[sft] {len(trajs)} trajectories → {sum(len(r) for r in rows)} sub-trajectories in "
-          f"{len(rows)} rows, {n_sup} supervised tokens; mode={cfg.split_mode} "
-          f"L_max={cfg.context_len} pack={cfg.pack}", flush=True)
+    dist.print0(f"[sft] {len(trajs)} trajectories → {sum(len(r) for r in rows)} sub-trajectories "
+                f"in {len(rows)} rows, {n_sup} supervised tokens; mode={cfg.split_mode} "
+                f"L_max={cfg.context_len} pack={cfg.pack}; {dist.world()} process(es)")
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95),
                             weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, cfg.sft_steps))
     step = 0
     if resume:
-        st = torch.load(resume / "trainer_state.pt", weights_only=False)
-        opt.load_state_dict(st["optimizer"])
+        st = load_checkpoint(resume, model, opt)
         sched.load_state_dict(st["scheduler"])
         set_rng_state(st["rng"])
         step = st["step"]
-        print(f"[sft] resumed from {resume} at step {step}", flush=True)
-        _truncate_log(out / "log.jsonl", step)
+        dist.print0(f"[sft] resumed from {resume} at step {step}")
+        if dist.is_main():
+            _truncate_log(out / "log.jsonl", step)
     else:
         torch.manual_seed(cfg.seed)
     model.train()
@@ -531,34 +572,36 @@ def run_sft(cfg: Config) -> Path:
         return split.pack(subs, cfg.pack_len if cfg.pack else max(len(s.input_ids) for s in subs),
                           pad_id=tok.pad_token_id, share_prefix=cfg.pack)
 
-    log = open(out / "log.jsonl", "a")
-    bar = tqdm(total=cfg.sft_steps, initial=step, desc="sft", unit="step", dynamic_ncols=True)
+    log = open(out / "log.jsonl", "a") if dist.is_main() else None
+    bar = tqdm(total=cfg.sft_steps, initial=step, desc="sft", unit="step", dynamic_ncols=True,
+               disable=not dist.is_main())
     while step < cfg.sft_steps:
         t0 = time.perf_counter()
-        batches = [batch(step * cfg.grad_accum + a) for a in range(cfg.grad_accum)]
-        n_tok = sum(b.n_supervised for b in batches)
+        first = step * cfg.grad_accum                    # micro-batches first … first+grad_accum−1
+        ids = dist.share(list(range(first, first + cfg.grad_accum)))   # this rank's; None = pad
+        batches = [batch(i) if i is not None else _no_loss(batch(first)) for i in ids]
         loss_sum, gnorm = sft_step(model, opt, batches, cfg.clip)
         sched.step()
         step += 1
         dt = time.perf_counter() - t0
-        tokens = sum(int(b.input_ids.numel()) for b in batches)
+        n_tok, tokens = map(int, dist.all_reduce_sum(
+            [sum(b.n_supervised for b in batches),
+             sum(int(b.input_ids.numel()) for i, b in zip(ids, batches) if i is not None)]))
         rec = {"step": step, "loss": round(loss_sum, 5), "lr": sched.get_last_lr()[0],
                "grad_norm": round(float(gnorm), 4), "tokens": tokens, "supervised_tokens": n_tok,
                "tokens_per_s": round(tokens / dt, 1)}
-        log.write(json.dumps(rec) + "\n")
-        log.flush()
+        if log:
+            log.write(json.dumps(rec) + "\n")
+            log.flush()
         bar.update(1)
         bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{tokens / dt:.0f}")
         if step % cfg.save_every == 0 or step == cfg.sft_steps:
-            save_checkpoint(out, model, tok, {"step": step, "optimizer": opt.state_dict(),
-                                              "scheduler": sched.state_dict(), "rng": rng_state(),
-                                              "config": asdict(cfg)})
+            save_checkpoint(out, model, opt, tok, {"step": step, "scheduler": sched.state_dict(),
+                                                   "rng": rng_state(), "config": asdict(cfg)})
     bar.close()
     final = out / "final"
-    shutil.rmtree(final, ignore_errors=True)
-    model.save_pretrained(final)
-    tok.save_pretrained(final)
-    print(f"[sft] done: {final}", flush=True)
+    dist.export_pretrained(final, model, tok, getattr(torch, cfg.dtype))
+    dist.print0(f"[sft] done: {final}")
     return final
 
 
@@ -576,17 +619,24 @@ def run_factory(cfg: Config):
 
 def main(argv=None) -> int:
     stage, cfg = parse_args(argv)
+    dist.init(pick_device(cfg).type)             # under torchrun: join the process group
+    if dist.world() > 1 and stage in ("factory", "eval"):
+        raise SystemExit(f"--stage {stage} runs in one process (python klong.py --stage {stage}); "
+                         "only sft and rl are distributed under torchrun")
     torch.manual_seed(cfg.seed)
-    if stage == "factory":
-        run_factory(cfg)
-    elif stage == "sft":
-        run_sft(cfg)
-    elif stage == "rl":
-        import grpo
-        grpo.run_rl(cfg)
-    elif stage == "eval":
-        import grpo
-        grpo.run_eval(cfg)
+    try:
+        if stage == "factory":
+            run_factory(cfg)
+        elif stage == "sft":
+            run_sft(cfg)
+        elif stage == "rl":
+            import grpo
+            grpo.run_rl(cfg)
+        elif stage == "eval":
+            import grpo
+            grpo.run_eval(cfg)
+    finally:
+        dist.close()
     return 0
 
 
