@@ -103,7 +103,8 @@ def _rows_reference(r: RowWork) -> None:
         log_p = z.sub_(r.lse[:, None])                                  # (C, V) log p, in place
     if r.g is None and not (r.compute_stats and r.entropy):
         return
-    p = log_p.exp()                                                     # (C, V)
+    keep_log_p = (r.compute_stats and r.entropy) or r.e is not None
+    p = log_p.exp() if keep_log_p else log_p.exp_()                     # (C, V)
     if r.compute_stats and r.entropy:
         r.ent.copy_(-(p * log_p).sum(dim=1))                            # H = -Σ p log p
     if r.g is None:
@@ -114,7 +115,9 @@ def _rows_reference(r: RowWork) -> None:
         coeff = coeff - r.e[:, None] * (log_p + r.ent[:, None])         # (C, V)
     dz = p.mul_(coeff)                                                  # (C, V), in place on p
     dz[rows, r.y] += r.g
-    r.delta.copy_(dz.mul_(r.inv_temp))                                  # δ = ∂L/∂z / T
+    if r.inv_temp != 1.0:
+        dz.mul_(r.inv_temp)                                             # δ = ∂L/∂z / T
+    r.delta.copy_(dz)                                                   # no-op if δ is this buffer
 
 
 # ----------------------------------------------------------------------------------------------
@@ -355,11 +358,13 @@ class _WeightedLogprobSum(torch.autograd.Function):
     """Σ_n w_n log p(y_n) with the gradients computed in the forward (6NHV, as Liger)."""
 
     @staticmethod
-    def forward(ctx, h, weight, bias, targets, weights, ignore_index, setup):
+    def forward(ctx, h, weight, bias, targets, weights, ignore_index, setup, grad_enabled):
         tokens = _Tokens(targets, ignore_index)
         w = tokens.select(weights.float()).contiguous()                  # (n,) = g_n
         lse, ent, logp = _stat_buffers(tokens.n, h.device)
-        dh, dW, db = _grad_buffers(ctx.needs_input_grad[:3], tokens.n, h, weight)
+        # needs_input_grad ignores torch.no_grad(): the caller says whether grad mode was on
+        needs = ctx.needs_input_grad[:3] if grad_enabled else (False, False, False)
+        dh, dW, db = _grad_buffers(needs, tokens.n, h, weight)
         need_grad = any(t is not None for t in (dh, dW, db))
         _sweep(setup, tokens.select(h), weight, bias, tokens.y, lse, ent, logp, compute_stats=True,
                g=w if need_grad else None, dh=dh, dW=dW, db=db)
@@ -375,7 +380,7 @@ class _WeightedLogprobSum(torch.autograd.Function):
         dh, dW, db, logp_all = ctx.saved_tensors
         scale = lambda t: None if t is None else t * grad_out.to(t.dtype)  # noqa: E731
         d_weights = logp_all * grad_out if ctx.needs_input_grad[4] else None
-        return scale(dh), scale(dW), scale(db), None, d_weights, None, None
+        return scale(dh), scale(dW), scale(db), None, d_weights, None, None, None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -461,5 +466,6 @@ def weighted_logprob_sum(h, weight, targets, weights, bias=None, temperature=1.0
     if weights.shape != (h.shape[0],):
         raise ValueError(f"kernels.fused_loss: weights must be [N] = ({h.shape[0]},); "
                          f"got {tuple(weights.shape)}")
+    setup = _setup(rows_fn, temperature, chunk_rows, weight, False)
     return _WeightedLogprobSum.apply(h, weight, bias, targets.long(), weights, ignore_index,
-                                     _setup(rows_fn, temperature, chunk_rows, weight, False))
+                                     setup, torch.is_grad_enabled())
