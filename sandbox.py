@@ -1618,6 +1618,7 @@ class LocalPolicy:
         self._prefix = chat.generation_prefix(tokenizer)
         self._stop = chat.stop_token_id(tokenizer)
         self._cache, self._cached = None, []          # the KV cache and the ids it holds
+        self._own: dict[str, list[int]] = {}          # reply key -> header + the ids sampled
         self._gen = torch.Generator().manual_seed(seed if seed is not None else
                                                    int.from_bytes(os.urandom(4), "little"))
         self.encoded_tokens = 0                       # tokens run through the model (prefill + decode)
@@ -1634,7 +1635,12 @@ class LocalPolicy:
         from transformers import DynamicCache
 
         import chat
-        context = [i for m in messages for i in self._encode(m)[0]] + self._prefix
+        # this policy's own earlier replies are encoded as the ids it sampled, not re-tokenised:
+        # the next context then extends this one token for token (the KV cache stays valid, and
+        # RL trains on one sequence per run of turns, not one per turn: ARCHITECTURE.md 4)
+        context = [i for m in messages for i in
+                   (self._own.get(_reply_key(m)) if m["role"] == "assistant" else None)
+                   or self._encode(m)[0]] + self._prefix
         keep = _common_prefix(self._cached, context) \
             if self.prompt_cache and self._cache is not None else 0
         keep = min(keep, len(context) - 1)           # the last context token is always fed
@@ -1660,7 +1666,14 @@ class LocalPolicy:
         except chat.ToolCallParseError:
             message = {"role": "assistant",
                        "content": self.tokenizer.decode(action, skip_special_tokens=True)}
+        self._own.setdefault(_reply_key(message), self._prefix + action)
         return PolicyReply(message, Sample(-1, context, action, logprobs, self.version))
+
+
+def _reply_key(m: dict) -> str:
+    """An assistant message's content and calls (ids aside), to recognise a policy's own reply."""
+    calls = [(c["function"]["name"], c["function"].get("arguments")) for c in m.get("tool_calls") or []]
+    return json.dumps([str(m.get("content") or ""), calls], sort_keys=True, default=str)
 
 
 def _to_openai(m: dict) -> dict:

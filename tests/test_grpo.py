@@ -146,3 +146,38 @@ def test_a_few_rl_steps_raise_the_reward_of_a_tiny_model():
     after = mean_reward()
     print(f"mean reward {before:.3f} -> {after:.3f}")
     assert after > before + 0.2, (before, after)
+
+
+# ----------------------------------------------------------------------------- rollouts for real
+
+def _episode(tmp_path, context):
+    import factory
+    import sandbox
+    cfg = klong.Config(hidden_size=32, intermediate_size=64, context_len=384, max_new_tokens=24)
+    tok, model = klong.load_model(cfg, for_training=False)
+    task = factory.make_synthetic_tasks(tmp_path / "tasks", 1, seed=3)[0]
+    policy = sandbox.LocalPolicy(model, tok, temperature=1.0, max_new_tokens=cfg.max_new_tokens,
+                                 seed=0)
+    budget = sandbox.Budget(max_turns=14, context=cfg.split if context else None, reminder_every=0)
+    return cfg, sandbox.run_episode(policy, task, budget, backend="auto",
+                                    submission_out=tmp_path / "sub")
+
+
+def test_a_local_rollout_without_retruncation_is_one_training_sequence(tmp_path):
+    """Resolution 4: the policy's own replies are kept as sampled, so the contexts of an episode
+    extend each other token for token and RL trains on them without re-tokenisation."""
+    _, ep = _episode(tmp_path, context=False)
+    samples = ep.trajectory.samples
+    assert len(samples) == ep.turns >= 10
+    for a, b in zip(samples, samples[1:]):
+        assert b.context_ids[:len(a.context_ids) + len(a.action_ids)] == a.context_ids + a.action_ids
+    seqs = grpo.sampled_subtrajectories(samples)
+    assert len(seqs) == 1
+    assert sum(seqs[0].action_mask) == sum(len(s.action_ids) for s in samples)
+
+
+def test_rollout_subtrajectories_fit_the_window_the_policy_sampled_in(tmp_path):
+    cfg, ep = _episode(tmp_path, context=True)
+    seqs = grpo.sampled_subtrajectories(ep.trajectory.samples)
+    assert len(seqs) >= 2, "the episode should have passed the 384-token window"
+    assert all(len(s.ids) <= cfg.context_len for s in seqs)
