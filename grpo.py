@@ -532,6 +532,9 @@ def eval_tasks(cfg) -> list:
 
 
 def _model_to_eval(cfg) -> str | None:
+    """`--model CKPT` (or `--init`), else the run's RL model, else its SFT model."""
+    if cfg.model != "tiny":
+        return cfg.model
     for cand in (cfg.init, Path(cfg.run_dir) / "rl" / "final", Path(cfg.run_dir) / "sft" / "final"):
         if cand and Path(cand).exists():
             return str(cand)
