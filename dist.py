@@ -29,6 +29,7 @@ from __future__ import annotations
 import os
 import shutil
 import types
+import warnings
 from pathlib import Path
 
 import torch
@@ -196,8 +197,10 @@ def save_sharded(path: Path, model, opt) -> None:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
     msd, osd = get_state_dict(model, opt)
-    dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(path),
-             no_dist=not tdist.is_initialized())
+    with warnings.catch_warnings():      # one process: DCP warns that it assumes one process
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(path),
+                 no_dist=not tdist.is_initialized())
 
 
 def load_sharded(path: Path, model, opt) -> None:
@@ -207,7 +210,9 @@ def load_sharded(path: Path, model, opt) -> None:
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
     msd, osd = get_state_dict(model, opt)
     sd = {"model": msd, "optim": osd}
-    dcp.load(sd, checkpoint_id=str(path), no_dist=not tdist.is_initialized())
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(sd, checkpoint_id=str(path), no_dist=not tdist.is_initialized())
     set_state_dict(model, opt, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
 
 

@@ -1,4 +1,12 @@
 """Progressive RL: advantage and loss properties, sampled sub-trajectories, staleness, learning."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
@@ -7,6 +15,7 @@ import grpo
 import klong
 import split
 
+ROOT = Path(__file__).resolve().parents[1]
 rewards = st.lists(st.floats(0, 1, allow_nan=False), min_size=1, max_size=8)
 
 
@@ -181,3 +190,46 @@ def test_rollout_subtrajectories_fit_the_window_the_policy_sampled_in(tmp_path):
     seqs = grpo.sampled_subtrajectories(ep.trajectory.samples)
     assert len(seqs) >= 2, "the episode should have passed the 384-token window"
     assert all(len(s.ids) <= cfg.context_len for s in seqs)
+
+
+def _rl_cmd(run_dir):
+    return [sys.executable, "klong.py", "--stage", "rl", "--run-dir", str(run_dir),
+            "--hidden-size", "32", "--intermediate-size", "64", "--context-len", "384",
+            "--max-new-tokens", "16", "--rl-timeouts", "3,5", "--rl-steps", "2,2",
+            "--n-rollouts", "2", "--tasks-per-step", "2", "--n-tasks", "4",
+            "--rollout-workers", "2"]
+
+
+def test_rl_killed_and_rerun_resumes_with_no_judged_rollout_lost_or_redone(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "TOKENIZERS_PARALLELISM": "false"}
+    out = tmp_path / "rl"
+    proc = subprocess.Popen(_rl_cmd(tmp_path), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not list(out.glob("checkpoint-*/COMPLETE")) and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "final").exists(), "the run finished before it could be killed"
+    before = (out / "rollouts.jsonl").read_text().splitlines()
+    again = subprocess.run(_rl_cmd(tmp_path), cwd=ROOT, env=env, capture_output=True, text=True,
+                           timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resumed from" in again.stdout
+    after = (out / "rollouts.jsonl").read_text().splitlines()
+    assert after[:len(before)] == before, "judged rollouts were rewritten"
+    groups = {}
+    for line in after:
+        r = json.loads(line)
+        groups[r["group"]] = groups.get(r["group"], 0) + 1
+    steps = grpo.schedule(klong.Config(rl_timeouts=(3, 5), rl_steps=(2, 2), tasks_per_step=2), 4)
+    assert set(groups) == {g for s in steps for g, _ in s.groups}
+    assert all(n == 2 for n in groups.values()), f"a rollout was lost or redone: {groups}"
+    log = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3, 4]
+    assert {"reward_mean", "reward_std", "timeout_rate", "kl", "clip_frac", "judge_wait_s",
+            "staleness", "dropped_stale", "failed", "turns"} <= set(log[0])
+    assert (out / "reward.png").stat().st_size > 1000
+    from transformers import AutoModelForCausalLM
+    AutoModelForCausalLM.from_pretrained(out / "final")
