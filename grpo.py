@@ -216,10 +216,11 @@ class SharedPolicy:
             self.model.load_state_dict(state_dict)
             self.version = version
 
-    def policy(self, greedy: bool = False) -> "sandbox.Policy":
+    def policy(self, greedy: bool = False, seed: int | None = None) -> "sandbox.Policy":
+        """A sampler of the current weights; `seed` makes its sampling reproducible (None: fresh)."""
         return _LockedPolicy(self, sandbox.LocalPolicy(
             self.model, self.tokenizer, temperature=0.0 if greedy else self.cfg.temperature,
-            max_new_tokens=self.cfg.max_new_tokens, version=self.version))
+            max_new_tokens=self.cfg.max_new_tokens, version=self.version, seed=seed))
 
 
 class _LockedPolicy:
@@ -276,33 +277,41 @@ class RolloutManager:
         for k in range(have, n):
             self.pending.append(self.pool.submit(self._one, group, task, timeout, k))
 
+    def _episode(self, task, timeout: float, out: Path) -> "sandbox.Episode":
+        return sandbox.run_episode(self.shared.policy(), task, budget_for(self.cfg, timeout),
+                                   backend=self.cfg.sandbox, submission_out=out)
+
+    def _grade(self, task, ep) -> float:
+        return judge.grade_submission(task.dir, ep.submission_dir, self.grader,
+                                      backend=self.cfg.sandbox).score
+
     def _one(self, group: str, task, timeout: float, k: int) -> None:
         out = self.work_dir / f"{group}-{k}"
         t0 = time.perf_counter()
         try:
-            ep = sandbox.run_episode(self.shared.policy(), task, budget_for(self.cfg, timeout),
-                                     backend=self.cfg.sandbox, submission_out=out)
+            ep = self._episode(task, timeout, out)
         except Exception as e:                                   # resolution 6: leaves the group
             self._add(Rollout(group, task.id, None, split.Trajectory(f"{group}-{k}", task.id, [], 0),
                               "crash", 0, time.perf_counter() - t0, 0.0, failed=f"sandbox: {e}"))
             return
+        ep.trajectory.id = f"{group}-{k}"
         if ep.failed or ep.submission_dir is None:                 # resolution 6
             self._add(Rollout(group, task.id, None, ep.trajectory, ep.stop_reason, ep.turns,
                               ep.wall_s, 0.0, failed=ep.stop_reason))
             return
-        # resolution 8: judged as a TRAIN job
-        job = self.queue.submit(lambda: judge.grade_submission(
-            task.dir, ep.submission_dir, self.grader, backend=self.cfg.sandbox).score,
-            judge.Priority.TRAIN, deadline_s=600)
-        try:
-            score, failed = float(job.result()), ""
-        except judge.JudgeFailure as e:
-            score, failed = None, f"judge: {e}"
-        finally:
+
+        def judged(job: judge.JudgeJob) -> None:
+            try:
+                score, failed = float(job.result()), ""
+            except judge.JudgeFailure as e:                      # resolution 6
+                score, failed = None, f"judge: {e}"
             shutil.rmtree(out, ignore_errors=True)
-        ep.trajectory.id = f"{group}-{k}"
-        self._add(Rollout(group, task.id, score, ep.trajectory, ep.stop_reason, ep.turns, ep.wall_s,
-                          job.queue_wait_s, failed))
+            self._add(Rollout(group, task.id, score, ep.trajectory, ep.stop_reason, ep.turns,
+                              ep.wall_s, job.queue_wait_s, failed))
+        # resolution 8: judged as a TRAIN job; this rollout worker is free for the next episode
+        # at once (no idle rollout machines while the judge works: the paper's pipeline fix)
+        self.queue.submit(lambda: self._grade(task, ep), judge.Priority.TRAIN,
+                          deadline_s=600).add_done_callback(judged)
 
     def _add(self, r: Rollout) -> None:
         with self.lock:
@@ -554,14 +563,18 @@ def run_eval(cfg, greedy: bool = True) -> dict:
     shared = SharedPolicy(model, tok, cfg)
     grader = judge.parse_grader(cfg.judge, backend=cfg.sandbox)
     budget = budget_for(cfg, cfg.eval_timeout)
+    if greedy and cfg.seeds > 1:
+        print(f"[eval] greedy decoding is deterministic: the {cfg.seeds} seeds repeat the same "
+              "episodes (SE 0); for a spread, train and evaluate several seeds (bench/miniature.py)",
+              flush=True)
     rows = []
     with judge.JudgeQueue(workers=cfg.judge_workers) as queue:
         bar = tqdm(total=cfg.seeds * len(tasks), desc="eval", unit="episode", dynamic_ncols=True)
         for seed in range(cfg.seeds):
-            torch.manual_seed(cfg.seed + seed)
-            for task in tasks:
+            for k, task in enumerate(tasks):
                 with tempfile.TemporaryDirectory(prefix="klong_eval_") as tmp:
-                    ep = sandbox.run_episode(shared.policy(greedy=greedy), task, budget,
+                    policy = shared.policy(greedy=greedy, seed=(cfg.seed + seed) * 100_003 + k)
+                    ep = sandbox.run_episode(policy, task, budget,
                                              backend=cfg.sandbox, submission_out=Path(tmp) / "sub")
                     job = queue.submit(lambda: judge.grade_submission(
                         task.dir, ep.submission_dir, grader, backend=cfg.sandbox).score,
@@ -584,12 +597,13 @@ def run_eval(cfg, greedy: bool = True) -> dict:
                "turns": statistics.fmean(r["turns"] for r in rows),
                "wall_s": statistics.fmean(r["wall_s"] for r in rows),
                "timeout_rate": statistics.fmean(r["timed_out"] for r in rows),
+               "end_rate": statistics.fmean(r["stop_reason"] == "end_task" for r in rows),
                "judge_failures": sum(r["score"] is None for r in rows), "episodes": rows}
     (out / "results.json").write_text(json.dumps(summary, indent=2))
-    md = ("| model | score (mean ± SE over seeds) | assistant turns | wall time (s) | timeout rate |\n"
-          "|---|---|---|---|---|\n"
+    md = ("| model | score (mean ± SE over seeds) | assistant turns | wall time (s) | timeout rate "
+          "| END rate |\n|---|---|---|---|---|---|\n"
           f"| {summary['model']} | {summary['score_mean']:.3f} ± {se:.3f} | {summary['turns']:.1f} "
-          f"| {summary['wall_s']:.2f} | {summary['timeout_rate']:.2f} |\n")
+          f"| {summary['wall_s']:.2f} | {summary['timeout_rate']:.2f} | {summary['end_rate']:.2f} |\n")
     (out / "results.md").write_text(md)
     print(md, flush=True)
     return summary

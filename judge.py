@@ -980,7 +980,8 @@ class JudgeJob:
             cb(self)
         return True
 
-    def _on_done(self, cb: Callable[[JudgeJob], None]) -> None:
+    def add_done_callback(self, cb: Callable[[JudgeJob], None]) -> None:
+        """Call cb(job) when the job finishes (at once if it has); like a Future's."""
         with self._lock:
             if not self._done.is_set():
                 self._callbacks.append(cb)
@@ -1024,7 +1025,7 @@ class JudgeQueue:
         """Yield `jobs` as they finish (succeeded or failed: call .result())."""
         finished: queue.SimpleQueue[JudgeJob] = queue.SimpleQueue()
         for job in jobs:
-            job._on_done(finished.put)
+            job.add_done_callback(finished.put)
         end = None if timeout is None else time.monotonic() + timeout
         for _ in range(len(jobs)):
             try:
