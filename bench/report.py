@@ -69,6 +69,12 @@ def rows() -> list[tuple[str, str, str, str]]:
     if pc:
         out.append((f"{pc['turns']}-turn episode, tiny model", "KV cache kept vs re-encode each turn",
                     f"{pc['speedup_episode']:.1f}× per episode", "≥ 3×"))
+    p = _load("rollout_pipeline-cpu.json")
+    if p:
+        out.append(("judged rollouts per minute, episode times spread 1–10×",
+                    "partial rollouts + priority queue vs synchronous batches",
+                    f"{p['speedup']:.2f}×; evaluation wait {p['eval_wait_over_service']:.2f} "
+                    "service times", "≥ 1.5×; ≤ 1 service time"))
     q = _get(_load("judge_queue-cpu.json"), "results")
     if q:
         ours, fifo = q["priority queue (ours)"], q["FIFO (anchor)"]
