@@ -259,3 +259,20 @@ def test_malformed_record_names_file_line_and_field(tmp_path, line, field):
     with pytest.raises(split.RecordError) as e:
         split.load_jsonl(path)
     assert f"{path}:2" in str(e.value) and field in str(e.value)
+
+
+def test_stats_cli_reports_counts_tokens_and_duplication(tmp_path, capsys):
+    path = tmp_path / "t.jsonl"
+    split.save_jsonl(path, [split.trajectory_from_dict(make_trajectory(i, 40, 10, 0.0, 0,
+                                                                       tid=f"t{i}")) for i in range(2)])
+    assert split.main(["stats", str(path), "--context", "400", "--overlap", "40"]) == 0
+    out = capsys.readouterr().out
+    assert "sub_trajectories" in out and "duplication" in out and "t1" in out
+    assert "2 trajectories: mean K" in out
+
+
+def test_stats_cli_names_the_bad_line(tmp_path, capsys):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"id": 1}\n')
+    assert split.main(["stats", str(path)]) == 1
+    assert f"{path}:1" in capsys.readouterr().err
