@@ -19,8 +19,8 @@ to the project"):
   its messages (special tokens split the text, and literal special-token strings inside message text
   are encoded as plain text). split.py relies on this: token counts add up, a sub-trajectory is a
   concatenation of cached per-message ids, and the context a policy samples from is rebuilt from
-  the same pieces. A Hugging Face tokenizer with its own template is accepted when
-  `check_message_additive` passes.
+  the same pieces. A Hugging Face tokenizer with its own template (e.g. Qwen's ChatML) is encoded
+  message by message through the template and accepted when `check_message_additive` passes.
 """
 from __future__ import annotations
 
@@ -73,7 +73,7 @@ def build_tiny_tokenizer(extra_text: str = "", vocab_size: int = 1024) -> PreTra
 
 def is_compact(tokenizer) -> bool:
     """True for a tokenizer that carries this module's compact format."""
-    return CALL in tokenizer.get_vocab()
+    return getattr(tokenizer, "chat_template", None) == CHAT_TEMPLATE and CALL in tokenizer.get_vocab()
 
 
 def tool_arguments(call: dict) -> dict:
@@ -113,9 +113,7 @@ class _Encoder:
         if message.get("role") not in ROLES:
             raise ValueError(f"message role must be one of {ROLES}, got {message.get('role')!r}")
         if not self.compact:
-            out = self.tokenizer.apply_chat_template(
-                [message], tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
-            return list(out["input_ids"]), list(out["assistant_masks"])
+            return self._templated(message)
         ids = [self.special[f"<|{message['role']}|>"]]
         for piece in _body_pieces(message):
             ids += [self.special[piece]] if piece in self.special else self.text(piece)
@@ -123,6 +121,27 @@ class _Encoder:
         return ids, [0] + [supervised] * (len(ids) - 1)
 
 
+    def _templated(self, message: dict) -> tuple[list[int], list[int]]:
+        """A Hugging Face template, one message at a time: the ids [ANCHOR, m] adds to [ANCHOR]
+        (a fixed system message, so templates that insert a default system prompt before a
+        first non-system message do not); a system message alone. Assistant tokens after the
+        generation prefix are supervised (templates rarely mark them with {% generation %})."""
+        render = lambda msgs: list(self.tokenizer.apply_chat_template(  # noqa: E731
+            msgs, tokenize=True, return_dict=False))
+        if message["role"] == "system":
+            ids = render([message])
+        else:
+            base = render([ANCHOR])
+            ids = render([ANCHOR, message])
+            if ids[:len(base)] != base:
+                raise ValueError("this chat template renders the system message differently when "
+                                 "another message follows: it cannot be encoded message by message")
+            ids = ids[len(base):]
+        head = len(generation_prefix(self.tokenizer)) if message["role"] == "assistant" else len(ids)
+        return ids, [0] * head + [1] * (len(ids) - head)
+
+
+ANCHOR = {"role": "system", "content": "You are an agent."}
 _ENCODERS: dict[int, _Encoder] = {}
 
 
@@ -152,8 +171,9 @@ def generation_prefix(tokenizer) -> list[int]:
     if is_compact(tokenizer):
         return [tokenizer.convert_tokens_to_ids("<|assistant|>")]
     probe = [{"role": "user", "content": "x"}]
-    with_prompt = tokenizer.apply_chat_template(probe, tokenize=True, add_generation_prompt=True)
-    without = tokenizer.apply_chat_template(probe, tokenize=True)
+    with_prompt = tokenizer.apply_chat_template(probe, tokenize=True, add_generation_prompt=True,
+                                                return_dict=False)
+    without = tokenizer.apply_chat_template(probe, tokenize=True, return_dict=False)
     return list(with_prompt[len(without):])
 
 
@@ -182,10 +202,9 @@ def check_message_additive(tokenizer) -> None:
                  {"id": "c0", "type": "function",
                   "function": {"name": "bash", "arguments": {"cmd": "ls"}}}]},
              {"role": "tool", "tool_call_id": "c0", "name": "bash", "content": "o"}]
-    joint = tokenizer.apply_chat_template(convo, tokenize=True, return_dict=True,
-                                          return_assistant_tokens_mask=True)
-    ids, mask = encode_messages(tokenizer, convo)
-    if list(joint["input_ids"]) != ids or list(joint["assistant_masks"]) != mask:
+    joint = tokenizer.apply_chat_template(convo, tokenize=True, return_dict=False)
+    ids, _ = encode_messages(tokenizer, convo)
+    if list(joint) != ids:
         raise ValueError(
             "this tokenizer's chat template is not message-additive (a conversation's ids differ "
             "from the concatenation of its messages'); split.py needs additivity. Use the tiny "

@@ -259,3 +259,40 @@ def test_kernel_attention_path_gives_the_same_logprobs_as_the_mask_path(tok, tin
         finally:
             tiny_model.set_attn_implementation("sdpa")
     assert torch.allclose(a, b, atol=1e-5)
+
+
+CHATML = (  # Qwen2.5-style: a default system prompt when the first message is not a system one
+    "{%- if messages[0]['role'] != 'system' %}<|im_start|>system\nYou are Qwen.<|im_end|>\n{% endif %}"
+    "{%- for m in messages %}"
+    "{%- if m['role'] == 'tool' %}<|im_start|>user\n<tool_response>\n{{ m['content'] }}\n"
+    "</tool_response><|im_end|>\n"
+    "{% else %}<|im_start|>{{ m['role'] }}\n{{ m['content'] or '' }}"
+    "{%- for tc in (m['tool_calls'] or []) %}\n<tool_call>\n{\"name\": \"{{ tc['function']['name'] }}\", "
+    "\"arguments\": {{ tc['function']['arguments'] | tojson }}}\n</tool_call>{%- endfor %}<|im_end|>\n"
+    "{% endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_a_hugging_face_chatml_template_is_encoded_message_by_message():
+    """A non-compact template (Qwen-like ChatML with a default system prompt and no
+    {% generation %} marks) still gives message-additive ids and assistant-only masks."""
+    from tokenizers import AddedToken
+    tok = chat.build_tiny_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": [
+        AddedToken("<|im_start|>", special=True), AddedToken("<|im_end|>", special=True)]})
+    tok.eos_token = "<|im_end|>"
+    tok.chat_template = CHATML
+    msgs = make_trajectory(7, 3, 5, 0.0, 0)["messages"]
+    chat.check_message_additive(tok)
+    ids, mask = chat.encode_messages(tok, msgs)
+    assert ids == list(tok.apply_chat_template(msgs, tokenize=True, return_dict=False))
+    header = chat.generation_prefix(tok)
+    assert tok.decode(header) == "<|im_start|>assistant\n"
+    for m in msgs:
+        i, k = chat.encode_message(tok, m)
+        if m["role"] == "assistant":
+            assert i[:len(header)] == header and k == [0] * len(header) + [1] * (len(i) - len(header))
+            assert tok.decode([t for t, s in zip(i, k) if s]).startswith(m["content"])
+        else:
+            assert not any(k)
+    assert chat.stop_token_id(tok) == tok.convert_tokens_to_ids("<|im_end|>")
