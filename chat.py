@@ -25,6 +25,7 @@ to the project"):
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Callable
 
@@ -238,8 +239,27 @@ def parse_assistant(text: str) -> dict:
     return message
 
 
+HERMES_CALL = re.compile(r"<tool_call>\s*(\{.*?\})\s*</tool_call>", re.S)
+
+
+def parse_hermes(text: str) -> dict:
+    """Parse the `<tool_call>{"name": …, "arguments": {…}}</tool_call>` format of Qwen/Hermes
+    templates; a call that is not such a JSON object raises ToolCallParseError."""
+    calls = []
+    for n, m in enumerate(HERMES_CALL.finditer(text)):
+        try:
+            d = json.loads(m.group(1))
+            calls.append(_call(str(d["name"]), dict(d.get("arguments") or {}), n))
+        except (ValueError, KeyError, TypeError) as e:
+            raise ToolCallParseError(f"tool call {n}: {e}: {m.group(1)[:80]!r}") from None
+    message = {"role": "assistant", "content": HERMES_CALL.sub("", text).strip()}
+    if calls:
+        message["tool_calls"] = calls
+    return message
+
+
 def decode_assistant(tokenizer, action_ids: list[int]) -> dict:
     """Turn sampled ids into an assistant message; a malformed call raises ToolCallParseError."""
     if not is_compact(tokenizer):
-        return {"role": "assistant", "content": tokenizer.decode(action_ids, skip_special_tokens=True)}
+        return parse_hermes(tokenizer.decode(action_ids, skip_special_tokens=True))
     return parse_assistant(tokenizer.decode(action_ids, skip_special_tokens=False))

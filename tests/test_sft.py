@@ -296,3 +296,7 @@ def test_a_hugging_face_chatml_template_is_encoded_message_by_message():
         else:
             assert not any(k)
     assert chat.stop_token_id(tok) == tok.convert_tokens_to_ids("<|im_end|>")
+    call = next(m for m in msgs if m.get("tool_calls"))
+    i, k = chat.encode_message(tok, call)
+    back = chat.decode_assistant(tok, i[len(header):])
+    assert back["tool_calls"][0]["function"] == call["tool_calls"][0]["function"]
