@@ -505,7 +505,7 @@ def run_rl(cfg) -> Path:
                     f.write(json.dumps(rec) + "\n")
             klong.save_checkpoint(out, model, opt, tok, {
                 "step": step.index + 1, "rng": klong.rng_state(), "consumed": sorted(consumed),
-                "config": asdict(cfg)})
+                "config": asdict(cfg)}, pretrained=klong.checkpoint_dtype(cfg))
             if dist.is_main():
                 plot_rewards(log, out / "reward.png")
             bar.update(1)

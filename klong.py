@@ -120,6 +120,9 @@ class Config:
     """Gradient-norm clip."""
     save_every: int = 60
     """Checkpoint every N optimizer steps (and at the end)."""
+    checkpoint_pretrained: bool = True
+    """Each checkpoint also holds `model/`, a save_pretrained folder (off in 8gpu: 15 GB each;
+    the stage's `final/` always is one)."""
 
     # --- Research-Factory (factory.FactoryConfig)
     n_tasks: int = 32
@@ -195,6 +198,7 @@ PRESETS: dict[str, dict] = {
                  activation_checkpointing=True,
                  context_len=65536, overlap=4096, history=0.3, pack_len=131072, sft_steps=2000,
                  batch_rows=1, grad_accum=8, lr=1e-5, warmup=100, save_every=200,
+                 checkpoint_pretrained=False,
                  n_tasks=1000, eval_tasks=20, attempts=4, threshold=0.5,
                  rl_timeouts=(7200, 14400, 21600), rl_steps=(50, 50, 50), rl_timeout_unit="seconds",
                  n_rollouts=8, tasks_per_step=8, rl_lr=1e-6, max_new_tokens=8192,
@@ -460,18 +464,21 @@ def set_rng_state(s: dict) -> None:
     torch.set_rng_state(s["torch"])
 
 
-def save_checkpoint(out: Path, model, opt, tok, state: dict, keep: int = 2) -> Path:
+def save_checkpoint(out: Path, model, opt, tok, state: dict, keep: int = 2,
+                    pretrained: torch.dtype | None = None) -> Path:
     """`out/checkpoint-STEP/`: `dcp/` (model + optimizer, sharded by torch.distributed.checkpoint:
     one file per rank, resumable with any number of processes), the tokenizer and
-    trainer_state.pt (step, scheduler, RNG, ...). `COMPLETE` is written last, so a kill during
-    saving never leaves a checkpoint that looks whole. Every rank calls it. The loadable
-    save_pretrained folder is the stage's `final/` (dist.export_pretrained)."""
+    trainer_state.pt (step, scheduler, RNG, ...); with `pretrained` (a dtype) also `model/`, a
+    save_pretrained folder any transformers-compatible server loads. `COMPLETE` is written last,
+    so a kill during saving never leaves a checkpoint that looks whole. Every rank calls it."""
     ck = out / f"checkpoint-{state['step']}"
     tmp = out / f".tmp-checkpoint-{state['step']}"
     if dist.is_main():
         shutil.rmtree(tmp, ignore_errors=True)
     dist.barrier()
     dist.save_sharded(tmp / "dcp", model, opt)
+    if pretrained is not None:
+        dist.export_pretrained(tmp / "model", model, tok, pretrained)
     if dist.is_main():
         tok.save_pretrained(tmp)
         torch.save(state, tmp / "trainer_state.pt")
@@ -482,6 +489,11 @@ def save_checkpoint(out: Path, model, opt, tok, state: dict, keep: int = 2) -> P
             shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
     return ck
+
+
+def checkpoint_dtype(cfg: Config) -> torch.dtype | None:
+    """The dtype of each checkpoint's save_pretrained copy, None when not wanted."""
+    return getattr(torch, cfg.dtype) if cfg.checkpoint_pretrained else None
 
 
 def load_checkpoint(ck: Path, model, opt) -> dict:
@@ -597,7 +609,8 @@ def run_sft(cfg: Config) -> Path:
         bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{tokens / dt:.0f}")
         if step % cfg.save_every == 0 or step == cfg.sft_steps:
             save_checkpoint(out, model, opt, tok, {"step": step, "scheduler": sched.state_dict(),
-                                                   "rng": rng_state(), "config": asdict(cfg)})
+                                                   "rng": rng_state(), "config": asdict(cfg)},
+                            pretrained=checkpoint_dtype(cfg))
     bar.close()
     final = out / "final"
     dist.export_pretrained(final, model, tok, getattr(torch, cfg.dtype))

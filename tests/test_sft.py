@@ -237,6 +237,8 @@ def test_sft_killed_and_rerun_resumes_and_matches_an_uninterrupted_run(tmp_path)
     assert again.returncode == 0, again.stderr[-2000:]
     assert "resumed from" in again.stdout
     from transformers import AutoModelForCausalLM
+    ck = max((tmp_path / "b/sft").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    assert AutoModelForCausalLM.from_pretrained(ck / "model").num_parameters() > 0
     a = AutoModelForCausalLM.from_pretrained(tmp_path / "a/sft/final")
     b = AutoModelForCausalLM.from_pretrained(tmp_path / "b/sft/final")
     for (n, pa), pb in zip(a.named_parameters(), b.parameters()):
