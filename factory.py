@@ -42,6 +42,9 @@ probability of a systematic, neutral no-op (`step s`) after each even-numbered i
 RL removes (ARCHITECTURE.md's third probe). Measured with the tiny tokenizer (chat.py trained on
 tokenizer_text()): an action is 12-15 tokens, an observation 5-6, p ~200 (sandbox's system prompt
 100 of them), so M = 24-32 gives expert trajectories of ~1,450-2,100 tokens, 4-5.5 × L = 384.
+`simulate_distill` computes the expert's trajectories without a sandbox (the environment is
+deterministic), message for message equal to the distilled ones (tests/test_factory_sim.py), ~200×
+faster: the miniature's data volume (bench/miniature.py). Evaluation and RL always run for real.
 """
 from __future__ import annotations
 
@@ -69,6 +72,7 @@ from tqdm import tqdm
 
 import judge
 import sandbox
+import split
 
 log = logging.getLogger("factory")
 
@@ -203,6 +207,8 @@ def load_spec(task_dir: Path) -> SyntheticSpec:
 # ---------------------------------------------------------------------------------------------
 
 _OK = re.compile(r"\b([wr]) (\d+) ok\b")
+_STATUS = re.compile(r"^w (\d+) r (\d+)$", re.M)          # `step s`: "w 10 r 4"
+_NEXT = re.compile(r"\berror: next is ([wr]) (\d+)\b")    # a refused item names the next one
 
 
 def _call(name: str, arguments: dict, n: int) -> dict:
@@ -217,14 +223,23 @@ def _step(kind: str, i: int, tag: str, n: int) -> dict:
 def expected_action(spec: SyntheticSpec, messages: list[dict]) -> tuple[str, int, str] | None:
     """The next right (kind, item, tag) from the observations so far; None = time to end_task.
 
-    Progress comes from the latest `w i ok` / `r i ok` observation, so injected nudges,
-    reminders, refusals and errors never confuse the count.
+    Progress comes from the latest observation that states it: `w i ok` / `r i ok`, the status
+    line `w N r M` of `step s`, or `error: next is w i`. Nudges, reminders, refusals and other
+    errors never confuse the count, and under context management (a window that no longer holds
+    the last `ok`) a status line or a refused item still gives it.
     """
     last = None
     for m in messages:
-        if m.get("role") == "tool":
-            found = _OK.findall(str(m.get("content") or ""))
-            last = found[-1] if found else last
+        if m.get("role") != "tool":
+            continue
+        text = str(m.get("content") or "")
+        if found := _OK.findall(text):
+            last = found[-1]
+        elif status := _STATUS.search(text):
+            nw, nr = int(status[1]), int(status[2])
+            last = ("r", str(nr)) if nr > 0 or nw == spec.m else ("w", str(nw))
+        elif nxt := _NEXT.search(text):
+            last = (nxt[1], str(int(nxt[2]) - 1))
     kind, i = (last[0], int(last[1])) if last else ("w", 0)
     if kind == "w" and i < spec.m:
         return "w", i + 1, spec.tag_w
@@ -954,6 +969,129 @@ def distill(task_dirs: list[Path], cfg: FactoryConfig, teacher: str = "expert",
     summary = summarize(out, cfg.threshold, skipped=skipped, wall_s=time.monotonic() - t0)
     (out / "summary.json").write_text(json.dumps(asdict(summary), indent=2) + "\n")
     return summary
+
+
+# ---------------------------------------------------------------------------------------------
+# Exact simulation of the synthetic environment (the miniature's data volume)
+# ---------------------------------------------------------------------------------------------
+# Distilling one expert trajectory through the sandbox costs ~1.5 s of CPU (a sandbox, ~80 bash
+# round trips, the judge's checks); the miniature wants thousands per seed. The synthetic
+# environment is deterministic, so it is computed here in Python instead: the step script's
+# semantics (step_script), sandbox.Toolbox's observation format and sandbox.run_episode's message
+# layout, driven by the same expert_action and the same random stream. The result equals the
+# sandbox-distilled trajectory message for message (tests/test_factory_sim.py checks it on several
+# tasks, seeds and noise/flaw settings). Only the expert's actions are simulated: anything else
+# raises ValueError, so the shortcut can never silently differ. Evaluation and RL stay real.
+
+def paper_observation(spec: SyntheticSpec) -> str:
+    """read_file_chunk's answer for paper.md (sandbox.Toolbox._read_file_chunk, lines 1-50)."""
+    lines = paper_text(spec).splitlines()
+    return f"File has {len(lines)} total lines.\n" + "\n".join(
+        f"{k + 1}: {line}" for k, line in enumerate(lines[:50]))
+
+
+def step_observation(spec: SyntheticSpec, done: dict[str, int], cmd: str) -> str:
+    """What `bash` answers to `cmd` (run in /home/submission) given `done` = {"w": items written,
+    "r": items run}; updates `done` like the step script updates its files. A refused step
+    prints `error: …` and exits 1, which sandbox.Toolbox._observe shows as `[exit code 1]`."""
+    words = cmd.split()
+    if not words or words[0] != STEP:
+        raise ValueError(f"simulate: only `{STEP} ...` commands are simulated, got {cmd!r}")
+    args = words[1:]
+    fail = lambda msg: f"error: {msg}\n[exit code 1]"  # noqa: E731
+    nw, nr = done["w"], done["r"]
+    case = f"{args[0] if args else ''} {len(args)}"            # bash: case "$1 $#"
+    if case == "s 1":
+        return f"w {nw} r {nr}"
+    if case == "w 3":
+        if not nw < spec.m:
+            return fail("phase w done")
+        if args[1] != str(nw + 1):
+            return fail(f"next is w {nw + 1}")
+        if args[2] != spec.tag_w:
+            return fail("wrong tag")
+        done["w"] += 1
+        return f"w {args[1]} ok, phase w done" if args[1] == str(spec.m) else f"w {args[1]} ok"
+    if case == "r 3":
+        if nw != spec.m:
+            return fail("phase w first")
+        if not nr < spec.m:
+            return fail("all done")
+        if args[1] != str(nr + 1):
+            return fail(f"next is r {nr + 1}")
+        if args[2] != spec.tag_r:
+            return fail("wrong tag")
+        done["r"] += 1
+        return f"r {args[1]} ok, all done" if args[1] == str(spec.m) else f"r {args[1]} ok"
+    return fail("usage: step w I TAG, step r I TAG, step s")
+
+
+def simulate_episode(spec: SyntheticSpec, act, max_turns: int) -> split.Trajectory:
+    """sandbox.run_episode of the policy function `act` (messages → assistant message) on the
+    synthetic task `spec`, with Budget(max_turns, reminder_every=0) and no context management,
+    computed without a sandbox. score = the judge's: each rubric leaf is a file holding the right
+    tag, and the step script only writes right tags, so Q = ½·(w done)/M + ½·(r done)/M."""
+    messages = [{"role": "system", "content": sandbox.SYSTEM_PROMPT},
+                {"role": "user", "content": INSTRUCTIONS}]
+    prefix_len, done, turns, stop, read = len(messages), {"w": 0, "r": 0}, 0, None, False
+    while stop is None:
+        if turns >= max_turns:
+            stop = "max_turns"
+            break
+        message = sandbox._normalise(act(messages), turns)
+        messages.append(message)
+        turns += 1
+        if not message.get("tool_calls"):
+            raise ValueError("simulate: a reply without a tool call is not simulated")
+        for call in message["tool_calls"]:
+            name, args = call["function"]["name"], call["function"]["arguments"]
+            if name == "read_file_chunk" and args == {"file": PAPER}:
+                observation = paper_observation(spec)
+            elif read and name == "bash" and set(args) == {"cmd"}:
+                observation = step_observation(spec, done, args["cmd"])
+            elif read and name == "end_task":
+                observation, stop = "Task ended.", "end_task"
+            else:
+                raise ValueError(f"simulate: call {name}({args}) is not simulated")
+            messages.append({"role": "tool", "tool_call_id": call["id"], "name": name,
+                             "content": observation})
+            if name == "read_file_chunk" and not read:      # p ends with the paper reading
+                read, prefix_len = True, len(messages)
+            if stop:
+                break
+    meta = {"stop_reason": stop, "turns": turns, "paper_read": read, "simulated": True}
+    return split.Trajectory(id="", task_id=spec.task_id, messages=messages, prefix_len=prefix_len,
+                            score=0.5 * done["w"] / spec.m + 0.5 * done["r"] / spec.m, meta=meta)
+
+
+def simulate_distill(cfg: FactoryConfig) -> list[split.Trajectory]:
+    """run_factory with the scripted expert, simulated: the same synthetic tasks (sample_spec),
+    attempts (seeded as make_teacher seeds them), budgets (attempt_budget) and rejection sampling
+    (the first best attempt, kept when Q ≥ threshold). Writes out_dir/trajectories.jsonl (the SFT
+    stage's input) and returns the kept trajectories. ~200× faster than the sandbox path."""
+    if cfg.tasks or cfg.reminder_every or cfg.max_hours:
+        raise ValueError("simulate_distill: synthetic tasks only, without reminders or a clock")
+    kept = []
+    for index in tqdm(range(cfg.n_tasks), desc="factory (simulated)", unit="task",
+                      dynamic_ncols=True):
+        spec = sample_spec(cfg.seed, index, cfg.m_range)
+        tries = []
+        for attempt in range(cfg.attempts):
+            rng = random.Random(f"expert-{spec.task_id}-{cfg.seed * 1000 + attempt}")
+            traj = simulate_episode(
+                spec, lambda msgs: expert_action(spec, msgs, rng, cfg.noise, cfg.flaw),
+                math.ceil(cfg.turn_slack * turns_needed(spec)))
+            traj.id = f"{spec.task_id}/{attempt}"
+            traj.meta.update({"teacher": "expert", "attempt": attempt})
+            tries.append(traj)
+        best = max(tries, key=lambda t: t.score)
+        if best.score >= cfg.threshold:
+            best.meta["scores"] = [t.score for t in tries]
+            kept.append(best)
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    split.save_jsonl(out / "trajectories.jsonl", kept)
+    return kept
 
 
 def summarize(out_dir: Path, threshold: float, skipped: int = 0, wall_s: float = 0.0

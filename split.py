@@ -411,10 +411,15 @@ def build_context(messages: list[dict], prefix_len: int, window_start: int, coun
     began (start with `prefix_len`). The context p ⊕ C ⊕ messages[window_start:] grows turn by
     turn (so a KV cache stays valid); when it plus `cfg.reserve` would pass L_max, the window
     restarts at the end of the history and C is rebuilt exactly as Cᵢ is in training.
-    Baseline agents (`mode="none"`) slide a window without p, like `mode="window"`.
+    Baseline agents (`mode="none"`) slide a window without p, like `mode="window"`. They have no
+    pinned p, so their first window starts at the first message, as the first training window
+    does: a `window_start` at or before the end of p means that first window (a restart always
+    moves it past p).
     """
     if cfg.mode == "none":
         cfg = SplitConfig(**{**asdict(cfg), "mode": "window"})
+    if cfg.mode == "window" and window_start <= prefix_len:
+        window_start = 0
     sp = _Splitter(messages, prefix_len, count, cfg)
     if sp.p_tokens + cfg.reserve > cfg.context_len:
         raise SplitError(f"p ({sp.p_tokens} tokens) plus reserve {cfg.reserve} > L_max "

@@ -276,3 +276,19 @@ def test_stats_cli_names_the_bad_line(tmp_path, capsys):
     path.write_text('{"id": 1}\n')
     assert split.main(["stats", str(path)]) == 1
     assert f"{path}:1" in capsys.readouterr().err
+
+
+def test_sliding_window_agent_sees_the_start_of_the_episode_like_its_first_training_window():
+    """Modes window/none pin nothing, so before the first restart the live context is the whole
+    history from the first message (system, instructions, paper reading), as in the first
+    training window; it must not start after p (that agent would act blind)."""
+    rec = make_trajectory(5, 80, 30, 0.0, 0)
+    traj = split.trajectory_from_dict(rec)
+    for mode in ("window", "none"):
+        cfg = SplitConfig(context_len=300, overlap=40, reserve=0, mode=mode)
+        first = split.split_trajectory(traj, word_count, cfg)[0]
+        end = traj.prefix_len + 2
+        ctx, start = split.build_context(traj.messages[:end], traj.prefix_len, traj.prefix_len,
+                                         word_count, cfg)
+        assert ctx == traj.messages[:end] and start == 0
+        assert first.messages[:end] == ctx

@@ -1,0 +1,62 @@
+"""factory.py, the simulated synthetic environment: simulate_distill / simulate_episode must equal
+the sandbox-distilled trajectories message for message (same expert, same random stream, same
+budgets, same rejection sampling), scores included, so the miniature's data shortcut is exact."""
+import json
+import math
+import random
+
+import pytest
+
+import factory
+from factory import FactoryConfig
+
+
+def lines(path) -> list[dict]:
+    return [json.loads(ln) for ln in path.read_text().splitlines()]
+
+
+@pytest.mark.parametrize("seed,noise,flaw,slack", [(3, 0.0, 0.0, 1.5), (4, 0.3, 0.65, 1.0),
+                                                   (7, 0.15, 0.8, 1.2)])
+def test_simulated_trajectories_equal_the_sandbox_ones(tmp_path, seed, noise, flaw, slack):
+    cfg = FactoryConfig(out_dir=tmp_path / "real", n_tasks=3, seed=seed, attempts=2,
+                        threshold=0.99, noise=noise, flaw=flaw, m_range=(3, 6), turn_slack=slack,
+                        workers=2)
+    factory.run_factory(cfg, backend="local")
+    attempts = {a["id"]: a for a in lines(tmp_path / "real" / "attempts.jsonl")}
+    assert len(attempts) == 6 and all(a["score"] is not None for a in attempts.values())
+    for a in attempts.values():                                   # every attempt, kept or not
+        spec = factory.load_spec(tmp_path / "real" / "tasks" / a["task_id"])
+        rng = random.Random(f"expert-{spec.task_id}-{seed * 1000 + a['meta']['attempt']}")
+        sim = factory.simulate_episode(
+            spec, lambda m: factory.expert_action(spec, m, rng, noise, flaw),
+            math.ceil(slack * factory.turns_needed(spec)))
+        assert sim.messages == a["messages"]
+        assert sim.prefix_len == a["prefix_len"] and sim.score == pytest.approx(a["score"])
+        assert sim.meta["stop_reason"] == a["meta"]["stop_reason"]
+        assert sim.meta["turns"] == a["meta"]["turns"]
+    real = lines(tmp_path / "real" / "trajectories.jsonl")
+    sim = factory.simulate_distill(FactoryConfig(**{**cfg.__dict__, "out_dir": tmp_path / "sim"}))
+    assert sorted(t.id for t in sim) == sorted(r["id"] for r in real)      # same tasks kept
+    by_id = {r["id"]: r for r in real}
+    for t in sim:
+        assert t.messages == by_id[t.id]["messages"] and t.meta["scores"] == by_id[t.id]["meta"]["scores"]
+    assert (tmp_path / "sim" / "trajectories.jsonl").exists()
+
+
+def test_simulation_refuses_what_it_does_not_model():
+    spec = factory.sample_spec(0, 0, (3, 3))
+    with pytest.raises(ValueError, match="not simulated"):
+        factory.simulate_episode(spec, lambda m: factory._call("python", {"code": "1"}, 0), 5)
+
+
+def test_expert_recovers_progress_from_a_status_line_or_a_refusal_alone():
+    """Under context management the window may hold no `ok` line: a status line or a refused
+    item still gives the progress (the fix for context restarts)."""
+    spec = factory.SyntheticSpec("t", "red", "cat", 10)
+    tool = lambda text: {"role": "tool", "name": "bash", "content": text}  # noqa: E731
+    assert factory.expected_action(spec, [tool("w 10 r 3")]) == ("r", 4, "cat")
+    assert factory.expected_action(spec, [tool("w 6 r 0")]) == ("w", 7, "red")
+    assert factory.expected_action(spec, [tool("w 10 r 0")]) == ("r", 1, "cat")
+    assert factory.expected_action(spec, [tool("error: next is r 5\n[exit code 1]")]) == ("r", 5, "cat")
+    assert factory.expected_action(spec, [tool("w 4 ok"), tool("error: wrong tag")]) == ("w", 5, "red")
+    assert factory.expected_action(spec, [tool("w 10 r 10")]) is None
