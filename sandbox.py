@@ -1171,15 +1171,19 @@ class DockerSandbox(Sandbox):
         return ExecResult(text, None if timed_out else code, timed_out, truncated, total[0],
                           duration, oom=code == 137 and not timed_out)
 
-    def read_file(self, path: str) -> bytes:
+    def _archive(self, path: str, missing: str) -> bytes:
+        """The tar archive of `path` in the container (docker's get_archive)."""
         import docker
-        path = posixpath.normpath(posixpath.join(SUBMISSION, path))
         try:
             with _DOCKER_API:
                 stream, _ = self.container.get_archive(path)
-                raw = b"".join(stream)
+                return b"".join(stream)
         except docker.errors.NotFound:
-            raise SandboxError(f"{path}: no such file") from None
+            raise SandboxError(f"{path}: {missing}") from None
+
+    def read_file(self, path: str) -> bytes:
+        path = posixpath.normpath(posixpath.join(SUBMISSION, path))
+        raw = self._archive(path, "no such file")
         with tarfile.open(fileobj=io.BytesIO(raw)) as tar:
             member = tar.next()
             f = tar.extractfile(member) if member and member.isfile() else None
@@ -1212,14 +1216,8 @@ class DockerSandbox(Sandbox):
         self._put(posixpath.dirname(remote), buf.getvalue())
 
     def download(self, remote: str, local: Path, max_file_bytes: int | None = None) -> None:
-        import docker
         remote = posixpath.normpath(posixpath.join(SUBMISSION, remote))
-        try:
-            with _DOCKER_API:
-                stream, _ = self.container.get_archive(remote)
-                raw = b"".join(stream)
-        except docker.errors.NotFound:
-            raise SandboxError(f"{remote}: no such file or folder") from None
+        raw = self._archive(remote, "no such file or folder")
         local = Path(local)
         with tempfile.TemporaryDirectory() as tmp, tarfile.open(fileobj=io.BytesIO(raw)) as tar:
             members = [m for m in tar.getmembers()
