@@ -13,7 +13,7 @@ Pipeline, in the paper's order:
    official code; validated by judge.py; a malformed reply is sent back with its error, a clear
    failure after N tries. The official code URL goes into `blacklist.txt`.
 4. **Distillation with rejection sampling**: a teacher (an endpoint, a local model, or the scripted
-   expert of the synthetic tasks) runs k attempts per task through sandbox.run_episode; the judge
+   expert of the synthetic tasks) runs k attempts per task through agent.run_episode; the judge
    scores each (Q); the best attempt is kept when Q_best ≥ threshold; every score is recorded.
    Resumable: each finished attempt and task is on disk before the next starts, so a crash loses
    at most the attempts in flight.
@@ -71,6 +71,7 @@ import yaml
 from tqdm import tqdm
 
 import judge
+import agent
 import sandbox
 import split
 
@@ -725,11 +726,11 @@ def build_tasks(candidates: list[Candidate], out_dir: Path, model: judge.ChatMod
 # Distillation with rejection sampling
 # ---------------------------------------------------------------------------------------------
 
-def expert_policy(task, noise: float = 0.0, flaw: float = 0.0, seed: int = 0) -> sandbox.Policy:
+def expert_policy(task, noise: float = 0.0, flaw: float = 0.0, seed: int = 0) -> agent.Policy:
     """The scripted teacher of a synthetic task (a sandbox.Task or its folder) as a sandbox policy."""
     spec = load_spec(getattr(task, "dir", task))
     rng = random.Random(f"expert-{spec.task_id}-{seed}")
-    return sandbox.ScriptedPolicy(lambda messages: expert_action(spec, messages, rng, noise, flaw))
+    return agent.ScriptedPolicy(lambda messages: expert_action(spec, messages, rng, noise, flaw))
 
 
 @dataclass
@@ -828,7 +829,7 @@ def _local_model(path: str):
 
 
 def make_teacher(teacher: str, task: sandbox.Task, cfg: FactoryConfig, attempt: int
-                 ) -> sandbox.Policy:
+                 ) -> agent.Policy:
     """`expert` (synthetic tasks), `openai:MODEL@URL` (an OpenAI-compatible endpoint; the paper's
     teacher was Claude 4.5 Sonnet Thinking) or `hf:PATH` (a local model in chat.py's format)."""
     seed = cfg.seed * 1000 + attempt
@@ -837,20 +838,20 @@ def make_teacher(teacher: str, task: sandbox.Task, cfg: FactoryConfig, attempt: 
     kind, _, rest = teacher.partition(":")
     model, _, url = rest.partition("@")
     if kind == "openai" and model and url:
-        return sandbox.OpenAIPolicy(url, model)
+        return agent.OpenAIPolicy(url, model)
     if kind == "hf" and rest:
-        return sandbox.LocalPolicy(*_local_model(rest), temperature=1.0, seed=seed)
+        return agent.LocalPolicy(*_local_model(rest), temperature=1.0, seed=seed)
     raise ValueError(f"teacher {teacher!r}: expected expert, openai:MODEL@URL or hf:PATH")
 
 
-def attempt_budget(task: sandbox.Task, cfg: FactoryConfig) -> sandbox.Budget:
+def attempt_budget(task: sandbox.Task, cfg: FactoryConfig) -> agent.Budget:
     """Synthetic tasks: turn_slack × turns_needed; other tasks: max_turns / max_hours."""
     seconds = cfg.max_hours * 3600 if cfg.max_hours else None
     try:
         turns = math.ceil(cfg.turn_slack * turns_needed(load_spec(task.dir)))
     except ValueError:
         turns = cfg.max_turns
-    return sandbox.Budget(max_turns=turns, max_seconds=seconds, reminder_every=cfg.reminder_every)
+    return agent.Budget(max_turns=turns, max_seconds=seconds, reminder_every=cfg.reminder_every)
 
 
 def run_attempt(task: sandbox.Task, teacher: str, cfg: FactoryConfig, attempt: int,
@@ -860,7 +861,7 @@ def run_attempt(task: sandbox.Task, teacher: str, cfg: FactoryConfig, attempt: i
     record = {"id": f"{task.id}/{attempt}", "task_id": task.id, "score": None,
               "meta": {"teacher": teacher, "attempt": attempt}}
     with tempfile.TemporaryDirectory(prefix="klong_factory_") as tmp:
-        episode = sandbox.run_episode(make_teacher(teacher, task, cfg, attempt), task,
+        episode = agent.run_episode(make_teacher(teacher, task, cfg, attempt), task,
                                       attempt_budget(task, cfg), backend=backend,
                                       submission_out=Path(tmp) / "submission")
         traj = episode.trajectory
@@ -977,14 +978,14 @@ def distill(task_dirs: list[Path], cfg: FactoryConfig, teacher: str = "expert",
 # Distilling one expert trajectory through the sandbox costs ~1.5 s of CPU (a sandbox, ~80 bash
 # round trips, the judge's checks); the miniature wants thousands per seed. The synthetic
 # environment is deterministic, so it is computed here in Python instead: the step script's
-# semantics (step_script), sandbox.Toolbox's observation format and sandbox.run_episode's message
+# semantics (step_script), agent.Toolbox's observation format and agent.run_episode's message
 # layout, driven by the same expert_action and the same random stream. The result equals the
 # sandbox-distilled trajectory message for message (tests/test_factory_sim.py checks it on several
 # tasks, seeds and noise/flaw settings). Only the expert's actions are simulated: anything else
 # raises ValueError, so the shortcut can never silently differ. Evaluation and RL stay real.
 
 def paper_observation(spec: SyntheticSpec) -> str:
-    """read_file_chunk's answer for paper.md (sandbox.Toolbox._read_file_chunk, lines 1-50)."""
+    """read_file_chunk's answer for paper.md (agent.Toolbox._read_file_chunk, lines 1-50)."""
     lines = paper_text(spec).splitlines()
     return f"File has {len(lines)} total lines.\n" + "\n".join(
         f"{k + 1}: {line}" for k, line in enumerate(lines[:50]))
@@ -993,7 +994,7 @@ def paper_observation(spec: SyntheticSpec) -> str:
 def step_observation(spec: SyntheticSpec, done: dict[str, int], cmd: str) -> str:
     """What `bash` answers to `cmd` (run in /home/submission) given `done` = {"w": items written,
     "r": items run}; updates `done` like the step script updates its files. A refused step
-    prints `error: …` and exits 1, which sandbox.Toolbox._observe shows as `[exit code 1]`."""
+    prints `error: …` and exits 1, which agent.Toolbox._observe shows as `[exit code 1]`."""
     words = cmd.split()
     if not words or words[0] != STEP:
         raise ValueError(f"simulate: only `{STEP} ...` commands are simulated, got {cmd!r}")
@@ -1027,18 +1028,18 @@ def step_observation(spec: SyntheticSpec, done: dict[str, int], cmd: str) -> str
 
 
 def simulate_episode(spec: SyntheticSpec, act, max_turns: int) -> split.Trajectory:
-    """sandbox.run_episode of the policy function `act` (messages → assistant message) on the
+    """agent.run_episode of the policy function `act` (messages → assistant message) on the
     synthetic task `spec`, with Budget(max_turns, reminder_every=0) and no context management,
     computed without a sandbox. score = the judge's: each rubric leaf is a file holding the right
     tag, and the step script only writes right tags, so Q = ½·(w done)/M + ½·(r done)/M."""
-    messages = [{"role": "system", "content": sandbox.SYSTEM_PROMPT},
+    messages = [{"role": "system", "content": agent.SYSTEM_PROMPT},
                 {"role": "user", "content": INSTRUCTIONS}]
     prefix_len, done, turns, stop, read = len(messages), {"w": 0, "r": 0}, 0, None, False
     while stop is None:
         if turns >= max_turns:
             stop = "max_turns"
             break
-        message = sandbox._normalise(act(messages), turns)
+        message = agent._normalise(act(messages), turns)
         messages.append(message)
         turns += 1
         if not message.get("tool_calls"):

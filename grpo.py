@@ -44,6 +44,7 @@ import torch
 import dist
 import judge
 import klong
+import agent
 import sandbox
 import split
 
@@ -216,9 +217,9 @@ class SharedPolicy:
             self.model.load_state_dict(state_dict)
             self.version = version
 
-    def policy(self, greedy: bool = False, seed: int | None = None) -> "sandbox.Policy":
+    def policy(self, greedy: bool = False, seed: int | None = None) -> "agent.Policy":
         """A sampler of the current weights; `seed` makes its sampling reproducible (None: fresh)."""
-        return _LockedPolicy(self, sandbox.LocalPolicy(
+        return _LockedPolicy(self, agent.LocalPolicy(
             self.model, self.tokenizer, temperature=0.0 if greedy else self.cfg.temperature,
             max_new_tokens=self.cfg.max_new_tokens, version=self.version, seed=seed))
 
@@ -238,10 +239,10 @@ class _LockedPolicy:
             return self.inner.act(messages, tools)
 
 
-def budget_for(cfg, timeout: float) -> "sandbox.Budget":
+def budget_for(cfg, timeout: float) -> "agent.Budget":
     turns = cfg.rl_timeout_unit == "turns"
     # no time reminders: the factory's trajectories have none, so contexts look like training
-    return sandbox.Budget(max_turns=int(timeout) if turns else None,
+    return agent.Budget(max_turns=int(timeout) if turns else None,
                           max_seconds=None if turns else float(timeout), context=cfg.split,
                           reminder_every=0)
 
@@ -277,8 +278,8 @@ class RolloutManager:
         for k in range(have, n):
             self.pending.append(self.pool.submit(self._one, group, task, timeout, k))
 
-    def _episode(self, task, timeout: float, out: Path) -> "sandbox.Episode":
-        return sandbox.run_episode(self.shared.policy(), task, budget_for(self.cfg, timeout),
+    def _episode(self, task, timeout: float, out: Path) -> "agent.Episode":
+        return agent.run_episode(self.shared.policy(), task, budget_for(self.cfg, timeout),
                                    backend=self.cfg.sandbox, submission_out=out)
 
     def _grade(self, task, ep) -> float:
@@ -574,7 +575,7 @@ def run_eval(cfg, greedy: bool = True) -> dict:
             for k, task in enumerate(tasks):
                 with tempfile.TemporaryDirectory(prefix="klong_eval_") as tmp:
                     policy = shared.policy(greedy=greedy, seed=(cfg.seed + seed) * 100_003 + k)
-                    ep = sandbox.run_episode(policy, task, budget,
+                    ep = agent.run_episode(policy, task, budget,
                                              backend=cfg.sandbox, submission_out=Path(tmp) / "sub")
                     job = queue.submit(lambda: judge.grade_submission(
                         task.dir, ep.submission_dir, grader, backend=cfg.sandbox).score,

@@ -30,6 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+import agent as A  # noqa: E402
 import sandbox as S  # noqa: E402
 
 
@@ -81,13 +82,13 @@ def tiny_policy_pair(seed: int = 0):
     return tok, model, cfg
 
 
-def episode(policy: S.LocalPolicy, turns: int, obs_words: int) -> tuple[list[float], int]:
+def episode(policy: A.LocalPolicy, turns: int, obs_words: int) -> tuple[list[float], int]:
     """`turns` greedy turns; returns the seconds of each act() and the tokens sampled."""
-    msgs = [{"role": "system", "content": S.SYSTEM_PROMPT}, {"role": "user", "content": S.DEFAULT_INSTRUCTIONS}]
+    msgs = [{"role": "system", "content": A.SYSTEM_PROMPT}, {"role": "user", "content": S.DEFAULT_INSTRUCTIONS}]
     times, sampled = [], 0
     for t in range(turns):
         t0 = time.perf_counter()
-        reply = policy.act(msgs, S.TOOLS)
+        reply = policy.act(msgs, A.TOOLS)
         times.append(time.perf_counter() - t0)
         sampled += len(reply.sample.action_ids)
         msgs.append({"role": "assistant", "content": "", "tool_calls": [{
@@ -104,7 +105,7 @@ def prompt_caching(turns: int, obs_words: int, max_new_tokens: int) -> dict:
                      "heads": cfg.num_attention_heads, "kv_heads": cfg.num_key_value_heads,
                      "vocab": cfg.vocab_size}, "turns": turns, "max_new_tokens": max_new_tokens}
     for name, cache in (("kv_cache_kept", True), ("re_encode", False)):
-        pol = S.LocalPolicy(model, tok, temperature=0, max_new_tokens=max_new_tokens,
+        pol = A.LocalPolicy(model, tok, temperature=0, max_new_tokens=max_new_tokens,
                             prompt_cache=cache)
         times, sampled = episode(pol, turns, obs_words)
         out[name] = {"episode_s": sum(times), "turn_last_s": times[-1],

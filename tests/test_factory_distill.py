@@ -1,4 +1,4 @@
-"""factory.py, distillation: teacher attempts through sandbox.run_episode, judged by judge.py's
+"""factory.py, distillation: teacher attempts through agent.run_episode, judged by judge.py's
 executable checks, rejection sampling, resume after an interruption, the prefix-dependence of real
 trajectories under split.py's context builder. Everything runs for real in the local sandbox."""
 import json
@@ -10,6 +10,7 @@ import pytest
 import chat
 import factory
 import judge
+import agent
 import sandbox
 import split
 from factory import FactoryConfig
@@ -29,8 +30,8 @@ def small(tmp_path, **kw) -> FactoryConfig:
 
 def test_expert_submission_passes_every_check_and_an_empty_one_fails(tmp_path):
     [task_dir] = factory.make_synthetic_tasks(tmp_path / "tasks", 1, seed=2, m_range=(3, 3))
-    episode = sandbox.run_episode(factory.expert_policy(task_dir, noise=0.3, flaw=0.65, seed=1),
-                                  task_dir, sandbox.Budget(max_turns=40, reminder_every=0),
+    episode = agent.run_episode(factory.expert_policy(task_dir, noise=0.3, flaw=0.65, seed=1),
+                                  task_dir, agent.Budget(max_turns=40, reminder_every=0),
                                   backend="local", submission_out=tmp_path / "sub")
     assert episode.stop_reason == "end_task" and episode.trajectory.prefix_len == 4
     graded = judge.grade_submission(task_dir, episode.submission_dir, judge.CheckGrader("local"))

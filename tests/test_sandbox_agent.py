@@ -1,4 +1,4 @@
-"""The agent side of sandbox.py: tools, blacklist, the episode loop with KLong's scaffold guards and
+"""agent.py on sandbox.py: tools, blacklist, the episode loop with KLong's scaffold guards and
 context management, and the three policies (scripted, local transformers model with prompt
 caching, OpenAI-compatible endpoint on a loopback server)."""
 import http.server
@@ -14,6 +14,7 @@ import pytest
 import torch
 from hypothesis import given
 
+import agent as A
 import sandbox as S
 import split
 from tests.strategies import blacklist_urls
@@ -73,7 +74,7 @@ def flag_expert(messages: list[dict]) -> dict:
 @pytest.mark.parametrize("tier", TIERS)
 def test_a_scripted_policy_solves_the_hex_flag_fixture_end_to_end(tier, tmp_path):
     task = make_task(tmp_path, HEX_PAPER)
-    ep = S.run_episode(S.ScriptedPolicy(flag_expert), task, S.Budget(max_turns=10), backend=tier,
+    ep = A.run_episode(A.ScriptedPolicy(flag_expert), task, A.Budget(max_turns=10), backend=tier,
                        submission_out=tmp_path / "submission")
     assert ep.stop_reason == "end_task" and not ep.failed and ep.turns == 5 and ep.tier == tier
     assert (ep.submission_dir / "flag.txt").read_text().strip() == GOLD_FLAG
@@ -102,8 +103,8 @@ def test_the_paper_must_be_read_through_before_other_tools(tmp_path):
               call("end_task", 4, end_message="early"),
               call("read_file_chunk", 5, file="/home/paper/paper.md", start_line=101, max_lines=50),
               call("write_file", 6, file="x", content="y")]
-    ep = S.run_episode(S.ScriptedPolicy(lambda m: script[turn_of(m)]), task,
-                       S.Budget(max_turns=len(script), reminder_every=0), backend="local")
+    ep = A.run_episode(A.ScriptedPolicy(lambda m: script[turn_of(m)]), task,
+                       A.Budget(max_turns=len(script), reminder_every=0), backend="local")
     obs = [m["content"] for m in ep.trajectory.messages if m["role"] == "tool"]
     assert obs[0].startswith("Refused: read the paper first. You have read 0 of the 120 lines")
     assert obs[1].startswith("File has 120 total lines.\n1: line 1")     # relative path works
@@ -118,17 +119,17 @@ def test_the_paper_must_be_read_through_before_other_tools(tmp_path):
 def test_reading_the_whole_paper_with_cat_also_counts(tmp_path):
     task = make_task(tmp_path, HEX_PAPER)
     script = [call("bash", 0, cmd="cat /home/paper/paper.md"), call("bash", 1, cmd="echo ok")]
-    ep = S.run_episode(S.ScriptedPolicy(lambda m: script[turn_of(m)]), task,
-                       S.Budget(max_turns=2), backend="local")
+    ep = A.run_episode(A.ScriptedPolicy(lambda m: script[turn_of(m)]), task,
+                       A.Budget(max_turns=2), backend="local")
     assert ep.trajectory.prefix_len == 4 and ep.trajectory.messages[-1]["content"] == "ok"
 
 
 def test_end_task_is_refused_before_the_minimum_share_of_the_budget(tmp_path):
     task = make_task(tmp_path, HEX_PAPER)
     read = call("read_file_chunk", 0, file="/home/paper/paper.md")
-    ep = S.run_episode(S.ScriptedPolicy(lambda m: read if turn_of(m) == 0 else
+    ep = A.run_episode(A.ScriptedPolicy(lambda m: read if turn_of(m) == 0 else
                                         call("end_task", turn_of(m), end_message="bye")),
-                       task, S.Budget(max_turns=10, min_end_fraction=0.5, reminder_every=0),
+                       task, A.Budget(max_turns=10, min_end_fraction=0.5, reminder_every=0),
                        backend="local")
     ends = [m["content"] for m in ep.trajectory.messages if m.get("name") == "end_task"]
     assert ends[:4] == ["Refused: end_task is allowed once 50% of the budget is used "
@@ -139,11 +140,11 @@ def test_end_task_is_refused_before_the_minimum_share_of_the_budget(tmp_path):
 
 def test_no_tool_call_is_nudged_and_time_is_reminded_every_five_turns(tmp_path):
     task = make_task(tmp_path, HEX_PAPER)
-    ep = S.run_episode(S.ScriptedPolicy(lambda m: {"role": "assistant", "content": "thinking"}),
-                       task, S.Budget(max_turns=10), backend="local")
+    ep = A.run_episode(A.ScriptedPolicy(lambda m: {"role": "assistant", "content": "thinking"}),
+                       task, A.Budget(max_turns=10), backend="local")
     msgs = ep.trajectory.messages
     assert ep.stop_reason == "max_turns" and ep.turns == 10
-    assert sum(m["content"] == S.NUDGE for m in msgs) == 10
+    assert sum(m["content"] == A.NUDGE for m in msgs) == 10
     reminders = [m["content"] for m in msgs if m["role"] == "user" and m["content"].startswith("Info:")]
     assert len(reminders) == 2 and reminders[0].startswith("Info: 5 of 10 turns")
     assert "git commit" in reminders[0]
@@ -155,13 +156,13 @@ class SlowAPI:
 
     def act(self, messages, tools):
         time.sleep(0.3)
-        return S.PolicyReply({"role": "assistant", "content": "wait"}, api_wait_s=0.3)
+        return A.PolicyReply({"role": "assistant", "content": "wait"}, api_wait_s=0.3)
 
 
 def test_model_api_retry_time_is_off_the_episode_clock(tmp_path):
     task = make_task(tmp_path, HEX_PAPER)
     t0 = time.monotonic()
-    ep = S.run_episode(SlowAPI(), task, S.Budget(max_turns=6, max_seconds=1.0), backend="local")
+    ep = A.run_episode(SlowAPI(), task, A.Budget(max_turns=6, max_seconds=1.0), backend="local")
     assert ep.stop_reason == "max_turns"              # 1.8 s of API waits did not count
     assert time.monotonic() - t0 > 1.8 and ep.wall_s < 1.0
     assert ep.trajectory.meta["api_wait_s"] == pytest.approx(1.8)
@@ -171,8 +172,8 @@ def test_a_tool_call_is_capped_at_the_time_left(tmp_path):
     task = make_task(tmp_path, HEX_PAPER)
     script = [call("bash", 0, cmd="cat /home/paper/paper.md"),
               call("bash", 1, cmd="sleep 30", timeout="100")]
-    ep = S.run_episode(S.ScriptedPolicy(lambda m: script[min(turn_of(m), 1)]), task,
-                       S.Budget(max_seconds=2.0), backend="local", limits={"kill_grace_s": 0.2})
+    ep = A.run_episode(A.ScriptedPolicy(lambda m: script[min(turn_of(m), 1)]), task,
+                       A.Budget(max_seconds=2.0), backend="local", limits={"kill_grace_s": 0.2})
     slept = ep.trajectory.messages[5]["content"]
     timeout = float(re.search(r"timed out after ([\d.]+)s", slept).group(1))
     assert timeout <= 2.0 and ep.stop_reason == "max_seconds" and ep.wall_s < 4
@@ -189,10 +190,10 @@ def test_a_sandbox_that_dies_or_cannot_start_fails_the_rollout(tmp_path):
                 box._proc.wait()
         return call("bash", turn_of(messages), cmd="cat /home/paper/paper.md")
 
-    ep = S.run_episode(S.ScriptedPolicy(crash_then_act), task, S.Budget(max_turns=5), backend="local")
+    ep = A.run_episode(A.ScriptedPolicy(crash_then_act), task, A.Budget(max_turns=5), backend="local")
     assert ep.stop_reason == "sandbox_error" and ep.failed and ep.submission_dir is None
     assert ep.turns == 2 and ep.trajectory.messages[-1]["content"].startswith("Sandbox error:")
-    never = S.run_episode(S.ScriptedPolicy(crash_then_act), task, S.Budget(max_turns=2),
+    never = A.run_episode(A.ScriptedPolicy(crash_then_act), task, A.Budget(max_turns=2),
                           backend="local", limits={"memory_mb": 1})
     assert never.stop_reason == "sandbox_error" and never.failed and never.turns == 0
     assert "did not start" in never.trajectory.meta["error"]
@@ -205,7 +206,7 @@ def test_load_task_names_the_missing_file():
 
 def test_budget_needs_a_limit():
     with pytest.raises(ValueError, match="max_turns and/or max_seconds"):
-        S.Budget()
+        A.Budget()
 
 
 # ----------------------------------------------------------------------------- context management
@@ -222,13 +223,13 @@ def test_the_context_builder_kicks_in_on_a_long_episode(tmp_path):
             return call("read_file_chunk", 0, file="/home/paper/paper.md")
         return call("bash", 100 + len(contexts), cmd=f"echo step {len(contexts)}; seq 40")
 
-    ep = S.run_episode(S.ScriptedPolicy(policy), task, S.Budget(max_turns=60, context=cfg),
+    ep = A.run_episode(A.ScriptedPolicy(policy), task, A.Budget(max_turns=60, context=cfg),
                        backend="local")
     msgs, p = ep.trajectory.messages, ep.trajectory.prefix_len
     assert p == 4 and ep.turns == 60
-    total = sum(S.rough_count(m) for m in msgs)
+    total = sum(A.rough_count(m) for m in msgs)
     assert total > 3 * cfg.context_len                       # the history outgrew the window
-    assert all(sum(S.rough_count(m) for m in c) + cfg.reserve <= cfg.context_len for c in contexts)
+    assert all(sum(A.rough_count(m) for m in c) + cfg.reserve <= cfg.context_len for c in contexts)
     assert sum(len(c) < len(msgs[:k]) for k, c in enumerate(contexts)) > 0
     for c in contexts[1:]:
         assert c[:p] == msgs[:p]                             # the pinned prefix p, always
@@ -241,14 +242,14 @@ def test_the_context_builder_kicks_in_on_a_long_episode(tmp_path):
 @pytest.fixture(scope="module", params=TIERS)
 def toolbox(request):
     box = S.open_sandbox(request.param)
-    yield S.Toolbox(box, ["https://github.com/mikelma/componet"])
+    yield A.Toolbox(box, ["https://github.com/mikelma/componet"])
     box.close()
 
 
-def run(tb: S.Toolbox, name: str, **args) -> str:
+def run(tb: A.Toolbox, name: str, **args) -> str:
     try:
-        coerced = S.coerce_arguments(name, args)
-    except S.ToolError as e:
+        coerced = A.coerce_arguments(name, args)
+    except A.ToolError as e:
         return f"Error: {e}"
     return tb.run(name, coerced, timeout=coerced.pop("timeout", 10))
 
@@ -286,15 +287,15 @@ def test_tool_arguments_are_checked_and_coerced(toolbox):
 def test_blacklisted_urls_are_refused_and_the_scan_flags_what_got_through(toolbox, tmp_path):
     url = (SHARED / "papers/self-composing-policies/blacklist.txt").read_text().strip()
     out = run(toolbox, "bash", cmd=f"git clone {url}.git")
-    assert out.startswith(S.REFUSED_BLACKLIST) and url in out
-    assert run(toolbox, "write_file", file="r.sh", content=f"wget {url}/archive/main.zip").startswith(S.REFUSED_BLACKLIST)
+    assert out.startswith(A.REFUSED_BLACKLIST) and url in out
+    assert run(toolbox, "write_file", file="r.sh", content=f"wget {url}/archive/main.zip").startswith(A.REFUSED_BLACKLIST)
     task = make_task(tmp_path, HEX_PAPER, blacklist=url + "\n")
     script = [call("bash", 0, cmd="cat /home/paper/paper.md"),
               call("bash", 1, cmd=f"git clone {url}"),
               call("bash", 2, cmd="u=github.com/mikelma; printf 'wget %s\\n' \"$u/componet\""),
               call("bash", 3, cmd=f"echo the code is at {url} but I will not use it")]
-    ep = S.run_episode(S.ScriptedPolicy(lambda m: script[turn_of(m)]), task,
-                       S.Budget(max_turns=4), backend="local")
+    ep = A.run_episode(A.ScriptedPolicy(lambda m: script[turn_of(m)]), task,
+                       A.Budget(max_turns=4), backend="local")
     hits = ep.trajectory.meta["blacklist_hits"]
     assert [(h["message_index"], h["verb"], h["refused"]) for h in hits] == \
         [(4, "git clone", True), (7, "wget", False)]          # the mention alone is no hit
@@ -303,7 +304,7 @@ def test_blacklisted_urls_are_refused_and_the_scan_flags_what_got_through(toolbo
 @given(case=blacklist_urls())
 def test_a_blacklist_pattern_matches_every_spelling_and_no_near_miss(case):
     url, spelling, near_miss = case
-    pattern = S.blacklist_pattern(url)
+    pattern = A.blacklist_pattern(url)
     assert pattern.search(f"run {spelling} now") and not pattern.search(f"run {near_miss} now")
 
 
@@ -333,21 +334,21 @@ def full_forward_logprobs(model, sample, temperature):
 def test_local_policy_reuses_its_kv_cache_and_reports_exact_logprobs(tiny):
     import chat
     tok, model = tiny
-    pol = S.LocalPolicy(model, tok, temperature=0.7, max_new_tokens=12, seed=1)
+    pol = A.LocalPolicy(model, tok, temperature=0.7, max_new_tokens=12, seed=1)
     msgs = [{"role": "system", "content": "sys"}, {"role": "user", "content": "read the paper"}]
-    first = pol.act(msgs, S.TOOLS)
+    first = pol.act(msgs, A.TOOLS)
     assert first.sample.context_ids == chat.encode_messages(tok, msgs)[0] + chat.generation_prefix(tok)
     msgs += [first.message, {"role": "tool", "tool_call_id": "c", "name": "bash", "content": "w 1 ok"},
              {"role": "user", "content": "go on"}]
     before = pol.encoded_tokens
-    second = pol.act(msgs, S.TOOLS)
+    second = pol.act(msgs, A.TOOLS)
     fed = pol.encoded_tokens - before - (len(second.sample.action_ids) - 1)
     held = first.sample.context_ids + first.sample.action_ids[:-1]      # what the cache held
-    shared = S._common_prefix(held, second.sample.context_ids)
+    shared = A._common_prefix(held, second.sample.context_ids)
     assert shared >= len(first.sample.context_ids)
     assert fed == len(second.sample.context_ids) - shared                # only the new tail
     short = msgs[:2] + [{"role": "user", "content": "[... 1 earlier turns omitted ...]"}]
-    third = pol.act(short, S.TOOLS)                             # re-truncated: rebuilt from p
+    third = pol.act(short, A.TOOLS)                             # re-truncated: rebuilt from p
     for reply in (first, second, third):
         s = reply.sample
         assert len(s.logprobs) == len(s.action_ids) and s.policy_version == 0
@@ -364,12 +365,12 @@ def test_local_policy_turns_an_unparsable_reply_into_a_nudge(tiny, tmp_path):
         forced.bias[tok.convert_tokens_to_ids(chat.CALL)] = 30.0     # only "<|call|>": no name
     original, model.lm_head = model.lm_head, forced
     try:
-        pol = S.LocalPolicy(model, tok, max_new_tokens=4, seed=0)
-        ep = S.run_episode(pol, make_task(tmp_path, HEX_PAPER), S.Budget(max_turns=2), backend="local")
+        pol = A.LocalPolicy(model, tok, max_new_tokens=4, seed=0)
+        ep = A.run_episode(pol, make_task(tmp_path, HEX_PAPER), A.Budget(max_turns=2), backend="local")
     finally:
         model.lm_head = original
     msgs = ep.trajectory.messages
-    assert ep.stop_reason == "max_turns" and "tool_calls" not in msgs[2] and msgs[3]["content"] == S.NUDGE
+    assert ep.stop_reason == "max_turns" and "tool_calls" not in msgs[2] and msgs[3]["content"] == A.NUDGE
     assert [s.action_ids for s in ep.trajectory.samples] == [[tok.convert_tokens_to_ids(chat.CALL)] * 4] * 2
 
 
@@ -377,8 +378,8 @@ def test_a_local_policy_episode_records_every_sample_with_its_exact_context(tiny
     import chat
     tok, model = tiny
     cfg = split.SplitConfig(context_len=400, overlap=32, reserve=48)
-    pol = S.LocalPolicy(model, tok, temperature=1.0, max_new_tokens=24, version=3, seed=2)
-    ep = S.run_episode(pol, make_task(tmp_path, HEX_PAPER), S.Budget(max_turns=12, context=cfg),
+    pol = A.LocalPolicy(model, tok, temperature=1.0, max_new_tokens=24, version=3, seed=2)
+    ep = A.run_episode(pol, make_task(tmp_path, HEX_PAPER), A.Budget(max_turns=12, context=cfg),
                        backend="local", system_prompt="You are an agent.")
     traj = ep.trajectory
     assert len(traj.samples) == ep.turns == 12
@@ -439,17 +440,17 @@ def openai_call(name: str, n: int, **args) -> dict:
 def test_openai_policy_retries_with_backoff_and_reports_the_wait():
     server = FakeEndpoint(lambda body: openai_call("bash", 0, cmd="ls"), fail=2, status=503)
     try:
-        pol = S.OpenAIPolicy(server.url, "tiny", backoff_s=0.1, retries=3)
+        pol = A.OpenAIPolicy(server.url, "tiny", backoff_s=0.1, retries=3)
         history = [{"role": "user", "content": "hi"}, call("bash", 9, cmd="pwd"),
                    {"role": "tool", "tool_call_id": "c9", "name": "bash", "content": "/home"}]
-        reply = pol.act(history, S.TOOLS)
+        reply = pol.act(history, A.TOOLS)
     finally:
         server.close()
     assert reply.message["tool_calls"][0]["function"] == {"name": "bash", "arguments": {"cmd": "ls"}}
     assert reply.api_wait_s >= 0.1 + 0.2
     path, body = server.bodies[-1]
     assert path == "/v1/chat/completions" and len(server.bodies) == 3 and body["model"] == "tiny"
-    assert body["tools"] == S.TOOLS
+    assert body["tools"] == A.TOOLS
     assert body["messages"][1]["tool_calls"][0]["function"]["arguments"] == '{"cmd": "pwd"}'
     assert body["messages"][2] == {"role": "tool", "tool_call_id": "c9", "content": "/home"}
 
@@ -457,13 +458,13 @@ def test_openai_policy_retries_with_backoff_and_reports_the_wait():
 def test_openai_policy_gives_up_clearly():
     server = FakeEndpoint(lambda body: {}, fail=10, status=400)
     try:
-        with pytest.raises(S.PolicyError, match="HTTP 400 \\(not retried\\)"):
-            S.OpenAIPolicy(server.url + "/v1", "m", backoff_s=0.01).act([], S.TOOLS)
+        with pytest.raises(A.PolicyError, match="HTTP 400 \\(not retried\\)"):
+            A.OpenAIPolicy(server.url + "/v1", "m", backoff_s=0.01).act([], A.TOOLS)
         assert len(server.bodies) == 1
     finally:
         server.close()
-    with pytest.raises(S.PolicyError, match="no answer after 2 tries"):
-        S.OpenAIPolicy(server.url, "m", retries=1, backoff_s=0.01, timeout_s=2).act([], S.TOOLS)
+    with pytest.raises(A.PolicyError, match="no answer after 2 tries"):
+        A.OpenAIPolicy(server.url, "m", retries=1, backoff_s=0.01, timeout_s=2).act([], A.TOOLS)
 
 
 def test_an_endpoint_policy_solves_the_fixture_and_a_dead_one_fails_the_rollout(tmp_path):
@@ -481,8 +482,8 @@ def test_an_endpoint_policy_solves_the_fixture_and_a_dead_one_fails_the_rollout(
 
     server = FakeEndpoint(script, fail=1)
     try:
-        ep = S.run_episode(S.OpenAIPolicy(server.url, "m", backoff_s=0.05), make_task(tmp_path, HEX_PAPER),
-                           S.Budget(max_turns=10), backend="local")
+        ep = A.run_episode(A.OpenAIPolicy(server.url, "m", backoff_s=0.05), make_task(tmp_path, HEX_PAPER),
+                           A.Budget(max_turns=10), backend="local")
     finally:
         server.close()
     assert ep.stop_reason == "end_task"
@@ -490,8 +491,8 @@ def test_an_endpoint_policy_solves_the_fixture_and_a_dead_one_fails_the_rollout(
     assert ep.trajectory.meta["api_wait_s"] >= 0.05
     dropped = ep.trajectory.messages[4]
     assert "dropped: arguments are not a JSON object" in dropped["content"] and "tool_calls" not in dropped
-    dead = S.run_episode(S.OpenAIPolicy(server.url, "m", retries=1, backoff_s=0.01, timeout_s=2),
-                         make_task(tmp_path / "2", HEX_PAPER), S.Budget(max_turns=3), backend="local")
+    dead = A.run_episode(A.OpenAIPolicy(server.url, "m", retries=1, backoff_s=0.01, timeout_s=2),
+                         make_task(tmp_path / "2", HEX_PAPER), A.Budget(max_turns=3), backend="local")
     assert dead.stop_reason == "policy_error" and dead.failed and "no answer" in dead.trajectory.meta["error"]
 
 

@@ -1,0 +1,679 @@
+"""The agent scaffold (PaperBench's basic agent + KLong's scaffold fixes): tools, policies and the
+episode loop, on top of sandbox.py's unified sandbox.
+
+1. **Tools** with PaperBench's names (bash, python, read_file_chunk, search_file, end_task) plus
+   write_file / edit_file; errors come back as observations; blacklisted URLs are refused, and
+   every episode is scanned afterwards the way PaperBench's monitor does.
+2. **Policies**: `ScriptedPolicy`, `LocalPolicy` (transformers, token-level sampling with a KV cache
+   kept across turns: the paper's prompt caching; its own replies stay the ids it sampled, so the
+   next context extends this one token for token), `OpenAIPolicy` (chat-completions endpoint).
+3. **The episode loop** `run_episode`, with KLong's scaffold guards: mandatory paper reading (the
+   pinned prefix p ends when the paper has been read through), `end_task` refused before a share
+   of the budget, the no-tool-call nudge, the 5-step time reminder, and context management with
+   split.py's context builder (ARCHITECTURE.md resolution 4: the same rule as in training).
+
+Departures and gap-fillers (the paper is silent on the scaffold):
+- Failed episodes (sandbox died, policy endpoint down, context cannot be built) end with a
+  `stop_reason` in `FAILED` and are not scored (ARCHITECTURE.md resolution 6).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import posixpath
+import re
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Protocol
+
+from sandbox import (HOME, PAPER_DIR, SUBMISSION, ExecResult, Sandbox, SandboxError, Task,
+                     clean_output, load_task, open_sandbox)
+from split import Sample, SplitConfig, SplitError, Trajectory, build_context
+
+log = logging.getLogger("klong.agent")
+
+# ============================================================================ 8. tools (PaperBench names)
+
+def _fn(name: str, description: str, properties: dict, required: list[str]) -> dict:
+    return {"type": "function", "function": {"name": name, "description": description, "parameters": {
+        "type": "object", "properties": properties, "required": required}}}
+
+
+_S, _I = {"type": "string"}, {"type": "integer"}
+TOOLS: list[dict] = [
+    _fn("bash", "Run a bash command (a fresh `bash -lc`, cwd /home/submission, no stdin). Long jobs: "
+        "run them in the background with output to a file.",
+        {"cmd": _S, "timeout": {**_I, "description": "seconds (capped by the time left)"}}, ["cmd"]),
+    _fn("python", "Run Python code in a fresh python3 process (cwd /home/submission).",
+        {"code": _S, "timeout": _I}, ["code"]),
+    _fn("read_file_chunk", "Read up to 50 numbered lines of a text file.",
+        {"file": _S, "start_line": {**_I, "default": 1}, "max_lines": {**_I, "default": 50}}, ["file"]),
+    _fn("search_file", "Case-insensitive search of a text file, with context lines, paged.",
+        {"file": _S, "query": _S, "context_lines": {**_I, "default": 2},
+         "max_matches": {**_I, "default": 5}, "page": {**_I, "default": 1}}, ["file", "query"]),
+    _fn("write_file", "Write a text file (parent folders are created; an existing file is replaced).",
+        {"file": _S, "content": _S}, ["file", "content"]),
+    _fn("edit_file", "Replace the one exact occurrence of `old` in a file by `new`.",
+        {"file": _S, "old": _S, "new": _S}, ["file", "old", "new"]),
+    _fn("end_task", "End the task (your submission is graded as it is in /home/submission).",
+        {"end_message": _S}, ["end_message"]),
+]
+_SCHEMAS = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
+READING_TOOLS = ("read_file_chunk", "search_file")
+
+
+class ToolError(ValueError):
+    """A tool call the tool cannot run; its message becomes the observation."""
+
+
+def coerce_arguments(name: str, args: dict) -> dict:
+    """Check a call against its schema; integers may arrive as strings (the compact chat format
+    renders every argument with str()). Defaults are filled in."""
+    if name not in _SCHEMAS:
+        raise ToolError(f"unknown tool {name!r}; the tools are {', '.join(_SCHEMAS)}")
+    schema, out = _SCHEMAS[name], {}
+    for key in args:
+        if key not in schema["properties"]:
+            raise ToolError(f"{name}: unknown argument {key!r}; expected {list(schema['properties'])}")
+    for key, spec in schema["properties"].items():
+        if key not in args:
+            if key in schema["required"]:
+                raise ToolError(f"{name}: missing argument {key!r}")
+            if "default" in spec:
+                out[key] = spec["default"]
+            continue
+        value = args[key]
+        if spec["type"] == "integer":
+            try:
+                value = int(str(value).strip())
+            except ValueError:
+                raise ToolError(f"{name}: argument {key!r} must be an integer, got {value!r}") from None
+        else:
+            value = value if isinstance(value, str) else json.dumps(value)
+        out[key] = value
+    return out
+
+
+def blacklist_pattern(url: str) -> re.Pattern:
+    """A blacklisted URL as a pattern: any scheme, `www.`, `.git`, `host:path` (ssh) or a
+    trailing slash match; a longer name (`repo2`) does not."""
+    core = re.sub(r"^[a-z+]+://|^git@", "", url.strip(), flags=re.I)
+    core = re.sub(r"^www\.", "", core, flags=re.I).rstrip("/").removesuffix(".git")
+    host, _, path = core.partition("/")
+    body = re.escape(host) + (r"[/:]" + re.escape(path) if path else "")
+    return re.compile(r"(?<![\w.-])(?:www\.)?" + body + r"(?![\w-])", re.I)
+
+
+ACCESS_VERBS = ("git clone", "curl", "wget", "git+", "urlopen", "requests.get", "urllib.request")
+
+
+def scan_blacklist(messages: list[dict], blacklist: list[str], window: int = 200) -> list[dict]:
+    """PaperBench's monitor, after the fact: a blacklisted URL within `window` characters of an
+    access verb (git clone, curl, wget, ...) in an action or an observation is a hit.
+    Each hit: message_index, url, verb, refused (the action was refused by the tool layer)."""
+    patterns = [(u, blacklist_pattern(u)) for u in blacklist]
+    refused = {m.get("tool_call_id") for m in messages
+               if m.get("role") == "tool" and str(m.get("content", "")).startswith(REFUSED_BLACKLIST)}
+    hits = []
+    for i, m in enumerate(messages):
+        texts = [(str(m.get("content") or ""), None)]
+        for call in m.get("tool_calls") or []:
+            args = call["function"].get("arguments") or {}
+            texts += [(json.dumps(args) if not isinstance(args, str) else args, call.get("id"))]
+        for text, call_id in texts:
+            low = text.lower()
+            for url, pat in patterns:
+                for hit in pat.finditer(text):
+                    near = low[max(0, hit.start() - window):hit.end() + window]
+                    verb = next((v for v in ACCESS_VERBS if v in near), None)
+                    if verb:
+                        hits.append({"message_index": i, "url": url, "verb": verb,
+                                     "refused": call_id is not None and call_id in refused})
+    return hits
+
+
+REFUSED_BLACKLIST = "Refused (blacklist):"
+
+
+class Toolbox:
+    """The tools of one episode, bound to its sandbox and its task's blacklist."""
+
+    def __init__(self, box: Sandbox, blacklist: list[str]):
+        self.box = box
+        self.blacklist = [(u, blacklist_pattern(u)) for u in blacklist]
+        self._n = 0
+
+    def refusal(self, args: dict) -> str | None:
+        """A call whose arguments name a blacklisted URL is refused (where we can see it)."""
+        text = json.dumps(args)
+        for url, pat in self.blacklist:
+            if pat.search(text):
+                return (f"{REFUSED_BLACKLIST} this call refers to {url}, which is on the task's "
+                        f"blacklist ({PAPER_DIR}/blacklist.txt: resources you may not use, such as "
+                        f"the paper's official code). Do the work without it.")
+        return None
+
+    def run(self, name: str, args: dict, timeout: float) -> str:
+        """The observation of one (coerced) call. Sandbox failures propagate (SandboxError);
+        everything else the agent did wrong comes back as text."""
+        refused = self.refusal(args)
+        if refused:
+            return refused
+        try:
+            return getattr(self, f"_{name}")(timeout=timeout, **args)
+        except ToolError as e:
+            return f"Error: {e}"
+
+    def _observe(self, r: ExecResult, timeout: float) -> str:
+        """The output, then a note when it did not simply succeed."""
+        lines = [r.output.rstrip("\n")] if r.output.strip() else []
+        if r.oom:
+            lines.append("[killed: out of memory]")
+        elif r.timed_out:
+            lines.append(f"[timed out after {timeout:g}s; the command and everything it started "
+                         f"were killed]")
+        elif r.exit_code:
+            lines.append(f"[exit code {r.exit_code}]")
+        return "\n".join(lines) or "[no output]"
+
+    def _bash(self, cmd: str, timeout: float, **_) -> str:
+        return self._observe(self.box.exec(cmd, timeout, cwd=SUBMISSION), timeout)
+
+    def _python(self, code: str, timeout: float, **_) -> str:
+        self._n += 1
+        path = f"{self.box.tmp}/klong_python_{self._n}.py"
+        self.box.write_file(path, code)
+        return self._observe(self.box.exec(f"python3 {path}", timeout, cwd=SUBMISSION), timeout)
+
+    def _text(self, file: str) -> str:
+        try:
+            return self.box.read_file(file).decode("utf-8", errors="replace")
+        except SandboxError as e:
+            raise ToolError(str(e)) from None
+
+    def _lines(self, file: str) -> list[str]:
+        return self._text(file).splitlines()
+
+    def _read_file_chunk(self, file: str, start_line: int, max_lines: int, **_) -> str:
+        lines = self._lines(file)
+        if start_line < 1 or max_lines < 1:
+            raise ToolError("start_line and max_lines must be ≥ 1")
+        if start_line > max(len(lines), 1):
+            raise ToolError(f"start_line {start_line} is past the end: the file has {len(lines)} lines")
+        chunk = lines[start_line - 1:start_line - 1 + min(max_lines, 50)]
+        body = "\n".join(f"{start_line + k}: {line}" for k, line in enumerate(chunk))
+        return f"File has {len(lines)} total lines.\n{body}"
+
+    def _search_file(self, file: str, query: str, context_lines: int, max_matches: int,
+                     page: int, **_) -> str:
+        lines = self._lines(file)
+        if not query:
+            raise ToolError("query must not be empty")
+        hits = [k for k, line in enumerate(lines) if query.lower() in line.lower()]
+        if not hits:
+            return f"No matches for {query!r} in {file}."
+        per, pages = max(1, max_matches), -(-len(hits) // max(1, max_matches))
+        if not 1 <= page <= pages:
+            raise ToolError(f"page {page} does not exist: {len(hits)} matches in {pages} pages")
+        out = [f"Found {len(hits)} matches for {query!r} in {file} (page {page} of {pages})."]
+        for k in hits[(page - 1) * per:page * per]:
+            lo, hi = max(0, k - context_lines), min(len(lines), k + context_lines + 1)
+            out.append("\n".join(f"{j + 1}{'>' if j == k else ':'} {lines[j]}" for j in range(lo, hi)))
+        return "\n---\n".join(out)
+
+    def _write(self, file: str, content: str) -> None:
+        try:
+            self.box.write_file(file, content)
+        except SandboxError as e:
+            raise ToolError(str(e)) from None
+
+    def _write_file(self, file: str, content: str, **_) -> str:
+        self._write(file, content)
+        return f"Wrote {len(content.encode())} bytes to {file}."
+
+    def _edit_file(self, file: str, old: str, new: str, **_) -> str:
+        text = self._text(file)
+        n = text.count(old) if old else 0
+        if n != 1:
+            raise ToolError(f"`old` must occur exactly once in {file}; it occurs {n} times"
+                            + (" (it is empty)" if not old else ""))
+        self._write(file, text.replace(old, new))
+        return f"Edited {file}: replaced {len(old)} characters by {len(new)}."
+
+
+# ============================================================================ 9. policies
+
+@dataclass
+class PolicyReply:
+    """One assistant message; a local policy adds the exact tokens it sampled (RL needs them)."""
+    message: dict
+    sample: Sample | None = None
+    api_wait_s: float = 0.0     # time spent waiting on retries of a model API (not on the clock)
+
+
+class Policy(Protocol):
+    def act(self, messages: list[dict], tools: list[dict]) -> PolicyReply: ...
+
+
+class PolicyError(RuntimeError):
+    """The policy cannot produce an action (an endpoint down after its retries)."""
+
+
+class ScriptedPolicy:
+    """A policy given by a function of the (context) messages: the synthetic tasks' expert, tests."""
+
+    def __init__(self, fn: Callable[[list[dict]], dict]):
+        self.fn = fn
+
+    def act(self, messages: list[dict], tools: list[dict]) -> PolicyReply:
+        return PolicyReply(self.fn(messages))
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+class LocalPolicy:
+    """A transformers causal LM in chat.py's format, sampled token by token.
+
+    The context is encoded message by message (chat.encode_message, message-additive) plus
+    chat.generation_prefix; sampling runs at `temperature` until chat's stop token or
+    `max_new_tokens`. **Prompt caching** (the paper's rollout speed-up): the KV cache of the last
+    turn is kept; the next context usually extends it (previous context + the action + the new
+    observation), so only the new tokens are encoded. The cache is cropped to the longest common
+    prefix of the ids it holds and the new context, so when the context builder re-truncates the
+    history it is rebuilt from the end of what is shared (at least the pinned prefix p).
+
+    The returned Sample holds the exact context ids, the sampled ids and their log-probs under
+    the *sampling* distribution softmax(logits / temperature) (the RL side uses the same
+    temperature; temperature 0 = greedy, log-probs then under temperature 1). An unparsable
+    reply becomes an assistant message without a tool call (the episode loop then nudges)."""
+
+    def __init__(self, model, tokenizer, temperature: float = 1.0, max_new_tokens: int = 256,
+                 version: int = 0, prompt_cache: bool = True, seed: int | None = None):
+        import torch
+
+        import chat
+        from split import cached_encoder
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.temperature, self.max_new_tokens = temperature, max_new_tokens
+        self.version, self.prompt_cache = version, prompt_cache
+        self.count_tokens = chat.count_tokens(tokenizer)
+        self._encode = cached_encoder(tokenizer)
+        self._prefix = chat.generation_prefix(tokenizer)
+        self._stop = chat.stop_token_id(tokenizer)
+        self._cache, self._cached = None, []          # the KV cache and the ids it holds
+        self._own: dict[str, list[int]] = {}          # reply key -> header + the ids sampled
+        self._gen = torch.Generator().manual_seed(seed if seed is not None else
+                                                   int.from_bytes(os.urandom(4), "little"))
+        self.encoded_tokens = 0                       # tokens run through the model (prefill + decode)
+
+    def _forward(self, ids: list[int]):
+        import torch
+        out = self.model(input_ids=torch.tensor([ids], device=self.model.device),
+                         past_key_values=self._cache, use_cache=True, logits_to_keep=1)
+        self.encoded_tokens += len(ids)
+        return out.logits[0, -1].float()             # (V,)
+
+    def act(self, messages: list[dict], tools: list[dict]) -> PolicyReply:
+        import torch
+        from transformers import DynamicCache
+
+        import chat
+        # this policy's own earlier replies are encoded as the ids it sampled, not re-tokenised:
+        # the next context then extends this one token for token (the KV cache stays valid, and
+        # RL trains on one sequence per run of turns, not one per turn: ARCHITECTURE.md 4)
+        context = [i for m in messages for i in
+                   (self._own.get(_reply_key(m)) if m["role"] == "assistant" else None)
+                   or self._encode(m)[0]] + self._prefix
+        keep = _common_prefix(self._cached, context) \
+            if self.prompt_cache and self._cache is not None else 0
+        keep = min(keep, len(context) - 1)           # the last context token is always fed
+        if keep == 0:
+            self._cache = DynamicCache(config=self.model.config)
+        else:                                         # transformers 5: crop(-n) drops n tokens
+            self._cache.crop(keep - self._cache.get_seq_length())
+        action, logprobs = [], []
+        with torch.no_grad():
+            logits = self._forward(context[keep:])
+            while True:
+                logp = torch.log_softmax(logits / (self.temperature or 1.0), dim=-1)  # log π(·|ctx) at T
+                tok = int(logp.argmax()) if self.temperature == 0 else \
+                    int(torch.multinomial(logp.exp(), 1, generator=self._gen))
+                action.append(tok)
+                logprobs.append(float(logp[tok]))
+                if tok == self._stop or len(action) == self.max_new_tokens:
+                    break
+                logits = self._forward([tok])
+        self._cached = context + action[:-1]          # the last sampled token is never fed
+        try:
+            message = chat.decode_assistant(self.tokenizer, action)
+        except chat.ToolCallParseError:
+            message = {"role": "assistant",
+                       "content": self.tokenizer.decode(action, skip_special_tokens=True)}
+        self._own.setdefault(_reply_key(message), self._prefix + action)
+        return PolicyReply(message, Sample(-1, context, action, logprobs, self.version))
+
+
+def _reply_key(m: dict) -> str:
+    """An assistant message's content and calls (ids aside), to recognise a policy's own reply."""
+    calls = [(c["function"]["name"], c["function"].get("arguments")) for c in m.get("tool_calls") or []]
+    return json.dumps([str(m.get("content") or ""), calls], sort_keys=True, default=str)
+
+
+def _to_openai(m: dict) -> dict:
+    """HF chat message -> OpenAI chat-completions message (arguments as a JSON string)."""
+    if m["role"] == "assistant":
+        out = {"role": "assistant", "content": m.get("content") or ""}
+        if m.get("tool_calls"):
+            out["tool_calls"] = [{"id": c["id"], "type": "function", "function": {
+                "name": c["function"]["name"],
+                "arguments": json.dumps(c["function"].get("arguments") or {})}}
+                for c in m["tool_calls"]]
+        return out
+    if m["role"] == "tool":
+        return {"role": "tool", "tool_call_id": m.get("tool_call_id", ""), "content": m["content"]}
+    return {"role": m["role"], "content": m["content"]}
+
+
+def _from_openai(msg: dict) -> dict:
+    """OpenAI assistant message -> HF chat message; calls with invalid JSON arguments are dropped
+    with a note in the content (the episode loop then nudges)."""
+    out, notes = {"role": "assistant", "content": msg.get("content") or "", "tool_calls": []}, []
+    for k, c in enumerate(msg.get("tool_calls") or []):
+        try:
+            args = json.loads(c["function"].get("arguments") or "{}")
+            if not isinstance(args, dict):
+                raise ValueError("not an object")
+        except ValueError as e:
+            notes.append(f"[tool call {c['function'].get('name')} dropped: arguments are not a "
+                         f"JSON object ({e})]")
+            continue
+        out["tool_calls"].append({"id": c.get("id") or f"call_{k}", "type": "function",
+                                  "function": {"name": c["function"]["name"], "arguments": args}})
+    out["content"] = "\n".join([out["content"]] + notes).strip() if notes else out["content"]
+    if not out["tool_calls"]:
+        del out["tool_calls"]
+    return out
+
+
+class OpenAIPolicy:
+    """An OpenAI-compatible /v1/chat/completions endpoint (vLLM, SGLang, hosted APIs) with tools.
+    Connection errors, timeouts, 429 and 5xx are retried with exponential backoff; the time spent
+    in failed attempts and backoff is returned as api_wait_s (off the episode clock, as
+    PaperBench does). Other 4xx and exhausted retries raise PolicyError."""
+
+    def __init__(self, url: str, model: str, api_key: str | None = None, temperature: float = 1.0,
+                 max_tokens: int | None = None, timeout_s: float = 600.0, retries: int = 6,
+                 backoff_s: float = 1.0, max_backoff_s: float = 60.0):
+        import httpx
+        base = url.rstrip("/")
+        self.url = base if base.endswith("/chat/completions") else \
+            base + ("/chat/completions" if base.endswith("/v1") else "/v1/chat/completions")
+        self.model, self.temperature, self.max_tokens = model, temperature, max_tokens
+        self.retries, self.backoff_s, self.max_backoff_s = retries, backoff_s, max_backoff_s
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.client = httpx.Client(timeout=timeout_s, headers=headers)
+
+    def act(self, messages: list[dict], tools: list[dict]) -> PolicyReply:
+        import httpx
+        body = {"model": self.model, "messages": [_to_openai(m) for m in messages],
+                "tools": tools, "temperature": self.temperature}
+        if self.max_tokens:
+            body["max_tokens"] = self.max_tokens
+        waited = 0.0
+        for attempt in range(self.retries + 1):
+            t0 = time.monotonic()
+            try:
+                r = self.client.post(self.url, json=body)
+                if r.status_code == 429 or r.status_code >= 500:
+                    raise PolicyError(f"{self.url}: HTTP {r.status_code}: {r.text[:300]}")
+                if r.status_code >= 400:
+                    raise PolicyError(f"{self.url}: HTTP {r.status_code} (not retried): {r.text[:500]}")
+                try:
+                    message = r.json()["choices"][0]["message"]
+                except (ValueError, KeyError, IndexError, TypeError):
+                    raise PolicyError(f"{self.url}: not a chat completion: {r.text[:300]}") from None
+                return PolicyReply(_from_openai(message), api_wait_s=waited)
+            except (httpx.TransportError, PolicyError) as e:
+                if isinstance(e, PolicyError) and "not retried" in str(e):
+                    raise
+                waited += time.monotonic() - t0
+                if attempt == self.retries:
+                    raise PolicyError(f"{self.url}: no answer after {self.retries + 1} tries: {e}") \
+                        from None
+                delay = min(self.max_backoff_s, self.backoff_s * 2 ** attempt)
+                log.warning("policy endpoint: %s; retrying in %.1fs", e, delay)
+                time.sleep(delay)
+                waited += delay
+        raise AssertionError("unreachable")
+
+
+# ============================================================================ 10. the episode loop
+
+@dataclass
+class Budget:
+    """An episode's limits (PaperBench: wall clock; the miniature: assistant turns) and guards."""
+    max_turns: int | None = None
+    """Assistant turns; None = no turn limit."""
+    max_seconds: float | None = None
+    """Wall-clock seconds, model-API retry time excluded; None = no time limit."""
+    min_end_fraction: float = 0.0
+    """KLong's guard: end_task is refused before this share of the budget is used."""
+    context: SplitConfig | None = None
+    """The model's window: contexts are built by split.build_context (None = the whole history)."""
+    tool_timeout_s: float = 600.0
+    """Cap on one tool call (it is also capped at the time left)."""
+    reminder_every: int = 5
+    """A time reminder every this many turns (PaperBench: 5); 0 = never."""
+
+    def __post_init__(self):
+        if self.max_turns is None and self.max_seconds is None:
+            raise ValueError("Budget: set max_turns and/or max_seconds (an episode must end)")
+        if not 0.0 <= self.min_end_fraction <= 1.0:
+            raise ValueError(f"Budget.min_end_fraction: expected 0..1, got {self.min_end_fraction}")
+
+
+FAILED = ("sandbox_error", "policy_error", "context_error")
+
+
+@dataclass
+class Episode:
+    trajectory: Trajectory
+    stop_reason: str            # end_task | max_turns | max_seconds | one of FAILED
+    turns: int
+    wall_s: float               # episode clock: wall time minus model-API retry time
+    submission_dir: Path | None  # host copy of /home/submission (None when the sandbox died)
+    tier: str
+
+    @property
+    def failed(self) -> bool:
+        """ARCHITECTURE.md resolution 6: failed rollouts leave the group, they are not scored 0."""
+        return self.stop_reason in FAILED
+
+
+SYSTEM_PROMPT = """\
+You are an agent working in a Linux sandbox on a long task. Act with one tool call per message:
+bash, python, read_file_chunk, search_file, write_file, edit_file, end_task. Observations are cut
+to their head and tail: write long outputs to files and search them."""
+NUDGE = "You did not call a tool. Continue the task with a tool call (end_task when you are done)."
+
+
+def rough_count(message: dict) -> int:
+    """Token estimate for policies without a tokenizer: about 4 characters a token."""
+    return 4 + (len(str(message.get("content") or ""))
+                + len(json.dumps(message.get("tool_calls") or []))) // 4
+
+
+class _PaperReading:
+    """KLong's mandatory paper reading: the paper counts as read when every line has been shown by
+    read_file_chunk, or a bash/python observation held the whole paper (e.g. `cat`)."""
+
+    def __init__(self, paper: str, paths: set[str]):
+        self.lines = len(paper.splitlines())
+        self.text = clean_output(paper.encode()).strip()
+        self.paths, self.seen, self.done = paths, set(), not self.text
+
+    def observe(self, name: str, args: dict, observation: str) -> None:
+        if name == "read_file_chunk" and not observation.startswith("Error"):
+            if posixpath.normpath(posixpath.join(SUBMISSION, args["file"])) in self.paths:
+                start = args["start_line"]
+                self.seen.update(range(start, min(start + min(args["max_lines"], 50), self.lines + 1)))
+        elif name in ("bash", "python") and self.text in observation:
+            self.seen = set(range(1, self.lines + 1))
+        self.done = self.done or len(self.seen) >= self.lines
+
+    def allows(self, name: str, args: dict) -> bool:
+        return self.done or name in READING_TOOLS or (name == "bash" and "paper.md" in args["cmd"])
+
+    def refusal(self) -> str:
+        return (f"Refused: read the paper first. You have read {len(self.seen)} of the "
+                f"{self.lines} lines of {PAPER_DIR}/paper.md; the other tools open once it is read "
+                f"through (read_file_chunk, 50 lines a call; `cat` if it is short enough to be "
+                f"shown whole).")
+
+
+def _normalise(message: dict, turn: int) -> dict:
+    """An assistant message in the trajectory format: content a string, calls with ids."""
+    out = {"role": "assistant", "content": str(message.get("content") or "")}
+    calls = []
+    for k, c in enumerate(message.get("tool_calls") or []):
+        args = c["function"].get("arguments") or {}
+        if isinstance(args, str):
+            try:
+                args = json.loads(args)
+            except ValueError:
+                args = {"_unparsed": args}
+        calls.append({"id": c.get("id") or f"call_{turn}_{k}", "type": "function",
+                      "function": {"name": c["function"]["name"], "arguments": args}})
+    if calls:
+        out["tool_calls"] = calls
+    return out
+
+
+def run_episode(policy: Policy, task: "Task | str | Path", budget: Budget, backend: str = "auto",
+                submission_out: Path | None = None, system_prompt: str = SYSTEM_PROMPT,
+                limits: dict | None = None) -> Episode:
+    """One agent episode on `task` in a fresh sandbox (PaperBench's basic agent + KLong's guards).
+
+    Messages: system, user (the instructions), then turns: an assistant message (aᵢ) and its
+    observation (sᵢ₊₁: one tool message per call, plus a nudge or a reminder as user messages).
+    Before each action, with `budget.context`, the policy gets split.build_context's context
+    instead of the whole history (resolution 4). prefix_len = messages up to the observation that
+    completed the paper reading (2 if it never was). The submission is copied to the host
+    (`submission_out`, else a fresh temporary folder) before the sandbox closes."""
+    task = task if isinstance(task, Task) else load_task(task)
+    count = getattr(policy, "count_tokens", None) or rough_count
+    if budget.context and getattr(policy, "max_new_tokens", 0) >= budget.context.reserve:
+        log.warning("max_new_tokens %d ≥ SplitConfig.reserve %d: a long action may pass L_max",
+                    policy.max_new_tokens, budget.context.reserve)
+    t0, api_wait, turns = time.monotonic(), 0.0, 0
+    clock = (lambda: time.monotonic() - t0 - api_wait)
+    stop, error, submission, samples = None, None, None, []
+    try:
+        box = open_sandbox(backend, task=task, **(limits or {}))
+    except SandboxError as e:                 # fails the rollout, not the run (resolution 6)
+        meta = {"tier": None, "stop_reason": "sandbox_error", "turns": 0, "wall_s": clock(),
+                "error": str(e), "blacklist_hits": []}
+        return Episode(Trajectory(uuid.uuid4().hex, task.id, [], 0, meta=meta), "sandbox_error",
+                       0, meta["wall_s"], None, "none")
+    with box:
+        here = (lambda text: text.replace(f"{HOME}/", f"{box.home}/") if box.home != HOME else text)
+        messages = [{"role": "system", "content": here(system_prompt)},
+                    {"role": "user", "content": here(task.instructions)}]
+        prefix_len = window_start = len(messages)
+        prefix_done = False
+        paper = _PaperReading(task.paper, {f"{PAPER_DIR}/paper.md", f"{box.home}/paper/paper.md"})
+        tools = Toolbox(box, task.blacklist)
+
+        def used() -> float:
+            return max([turns / budget.max_turns if budget.max_turns else 0.0,
+                        clock() / budget.max_seconds if budget.max_seconds else 0.0])
+
+        while stop is None:
+            if budget.max_turns is not None and turns >= budget.max_turns:
+                stop = "max_turns"
+                break
+            if budget.max_seconds is not None and clock() >= budget.max_seconds:
+                stop = "max_seconds"
+                break
+            context = messages
+            try:
+                if budget.context is not None:
+                    context, window_start = build_context(messages, prefix_len, window_start,
+                                                          count, budget.context)
+                reply = policy.act(context, TOOLS)
+            except SplitError as e:
+                stop, error = "context_error", str(e)
+                break
+            except Exception as e:  # noqa: BLE001  (any policy failure fails the rollout, not the run)
+                stop, error = "policy_error", f"{type(e).__name__}: {e}"
+                break
+            api_wait += reply.api_wait_s
+            message = _normalise(reply.message, turns)
+            messages.append(message)
+            turns += 1
+            if reply.sample is not None:
+                reply.sample.message_index = len(messages) - 1
+                samples.append(reply.sample)
+            if not message.get("tool_calls"):
+                messages.append({"role": "user", "content": NUDGE})
+            for call in message.get("tool_calls", []):
+                name = call["function"]["name"]
+                try:
+                    args = coerce_arguments(name, call["function"]["arguments"])
+                    left = budget.max_seconds - clock() if budget.max_seconds else float("inf")
+                    timeout = min(args.pop("timeout", None) or budget.tool_timeout_s,
+                                  budget.tool_timeout_s, left)
+                    if not paper.allows(name, args):
+                        observation = paper.refusal()
+                    elif name == "end_task":
+                        if used() < budget.min_end_fraction:
+                            observation = (f"Refused: end_task is allowed once "
+                                           f"{budget.min_end_fraction:.0%} of the budget is used "
+                                           f"({used():.0%} so far). Keep improving the submission.")
+                        else:
+                            observation, stop = "Task ended.", "end_task"
+                    elif timeout <= 0:
+                        observation, stop = "No time left.", "max_seconds"
+                    else:
+                        observation = tools.run(name, args, timeout)
+                        paper.observe(name, args, observation)
+                except ToolError as e:
+                    observation = f"Error: {e}"
+                except SandboxError as e:
+                    observation, stop, error = f"Sandbox error: {e}", "sandbox_error", str(e)
+                messages.append({"role": "tool", "tool_call_id": call["id"], "name": name,
+                                 "content": observation})
+                if paper.done and not prefix_done:    # p ends with the paper reading
+                    prefix_len = window_start = len(messages)
+                    prefix_done = True
+                if stop:
+                    break
+            if stop is None and budget.reminder_every and turns % budget.reminder_every == 0:
+                left_turns = f" of {budget.max_turns}" if budget.max_turns else ""
+                left_time = f" of {budget.max_seconds:.0f}s" if budget.max_seconds else ""
+                messages.append({"role": "user", "content": (
+                    f"Info: {turns}{left_turns} turns and {clock():.0f}s{left_time} used. "
+                    f"Remember to git commit your work in {here(SUBMISSION)} regularly.")})
+        if box.alive():
+            submission = Path(submission_out or tempfile.mkdtemp(prefix="klong-submission-"))
+            box.download(SUBMISSION, submission, max_file_bytes=10 << 20)
+        tier = box.tier
+    meta = {"tier": tier, "stop_reason": stop, "turns": turns, "wall_s": clock(),
+            "api_wait_s": api_wait, "paper_read": paper.done, "policy": type(policy).__name__,
+            "blacklist_hits": scan_blacklist(messages, task.blacklist)}
+    if error:
+        meta["error"] = error
+    trajectory = Trajectory(id=uuid.uuid4().hex, task_id=task.id, messages=messages,
+                            prefix_len=prefix_len, meta=meta, samples=samples)
+    return Episode(trajectory, stop, turns, meta["wall_s"], submission, tier)
