@@ -140,7 +140,7 @@ def shard(model, cfg):
     would otherwise use NCCL's PREMUL_SUM, which gloo lacks): the reduced gradient is Σ_r ∇L_r,
     exactly one process's gradient of the whole step.
 
-    klong.packed_logprobs runs the decoder and uses the LM head's weight directly (the fused loss
+    model.packed_logprobs runs the decoder and uses the LM head's weight directly (the fused loss
     never calls `lm_head.forward`), so the root's parameters would never be gathered. `call`
     runs such a function as the root's forward (FSDP's register_fsdp_forward_method).
     """

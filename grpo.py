@@ -43,10 +43,11 @@ import torch
 
 import dist
 import judge
-import klong
 import agent
 import sandbox
 import split
+from model import (_truncate_log, checkpoint_dtype, latest_checkpoint, load_checkpoint, load_model,
+                   packed_logprobs, rng_state, save_checkpoint, set_rng_state)
 
 TIMEOUTS = ("max_turns", "max_seconds")      # a rollout stopped by its stage's timeout
 
@@ -179,9 +180,9 @@ def rl_update(model, ref_model, opt, groups: list[list[Rollout]], cfg, pad_id: i
         flat_adv = torch.tensor([a for a, s in zip(adv_of, seqs) for _ in s.ids])
         idx = index.targets.clamp(min=0)                                 # (B, T)
         mask = (index.targets != split.IGNORE) & real
-        logp = klong.packed_logprobs(model, batch, cfg.temperature)     # (B, T)
+        logp = packed_logprobs(model, batch, cfg.temperature)     # (B, T)
         with torch.no_grad():
-            ref_logp = klong.packed_logprobs(ref_model, batch, cfg.temperature)
+            ref_logp = packed_logprobs(ref_model, batch, cfg.temperature)
         dev = logp.device
         loss_sum, d = ppo_kl_loss(logp, flat_old[idx].to(dev), ref_logp, flat_adv[idx].to(dev),
                                   mask.to(dev), cfg.clip_eps, cfg.kl_beta)
@@ -367,10 +368,10 @@ def schedule(cfg, n_tasks: int) -> list[Step]:
 
 
 def training_tasks(cfg) -> list:
-    import factory
+    import synthetic
     tdir = Path(cfg.run_dir) / "factory" / "tasks"
     if not tdir.exists() or not any(tdir.iterdir()):
-        factory.make_synthetic_tasks(tdir, cfg.n_tasks, cfg.seed)
+        synthetic.make_synthetic_tasks(tdir, cfg.n_tasks, cfg.seed)
     return [sandbox.load_task(d) for d in sorted(p for p in tdir.iterdir() if p.is_dir())]
 
 
@@ -416,24 +417,24 @@ def run_rl(cfg) -> Path:
     dist.barrier()
     tasks = training_tasks(cfg)
     steps = schedule(cfg, len(tasks))
-    resume = klong.latest_checkpoint(out)
+    resume = latest_checkpoint(out)
     init = _init_path(cfg)
-    tok, model = klong.load_model(cfg, init)
+    tok, model = load_model(cfg, init)
     model = dist.shard(model, cfg)
-    _, ref_model = klong.load_model(cfg, init)                  # π_ref: the SFT model
+    _, ref_model = load_model(cfg, init)                  # π_ref: the SFT model
     ref_model = dist.shard(ref_model.eval().requires_grad_(False), cfg)
     if dist.is_main():                                          # rollouts sample from this copy
-        _, sampler = klong.load_model(cfg, init, for_training=False)
+        _, sampler = load_model(cfg, init, for_training=False)
         sampler.eval().requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.rl_lr, betas=(0.9, 0.95),
                             weight_decay=cfg.weight_decay)
     start, consumed = 0, set()
     if resume:
-        st = klong.load_checkpoint(resume, model, opt)
-        klong.set_rng_state(st["rng"])
+        st = load_checkpoint(resume, model, opt)
+        set_rng_state(st["rng"])
         start, consumed = st["step"], set(st["consumed"])
         if dist.is_main():
-            klong._truncate_log(out / "log.jsonl", start)
+            _truncate_log(out / "log.jsonl", start)
         dist.print0(f"[rl] resumed from {resume} at step {start}")
     dist.print0(f"[rl] {len(tasks)} tasks, stages T={list(cfg.rl_timeouts)} ({cfg.rl_timeout_unit}), "
                 f"steps {list(cfg.rl_steps)}, n={cfg.n_rollouts}, init={init or 'fresh tiny model'}, "
@@ -504,9 +505,9 @@ def run_rl(cfg) -> Path:
                 log.append(rec)
                 with open(out / "log.jsonl", "a") as f:
                     f.write(json.dumps(rec) + "\n")
-            klong.save_checkpoint(out, model, opt, tok, {
-                "step": step.index + 1, "rng": klong.rng_state(), "consumed": sorted(consumed),
-                "config": asdict(cfg)}, pretrained=klong.checkpoint_dtype(cfg))
+            save_checkpoint(out, model, opt, tok, {
+                "step": step.index + 1, "rng": rng_state(), "consumed": sorted(consumed),
+                "config": asdict(cfg)}, pretrained=checkpoint_dtype(cfg))
             if dist.is_main():
                 plot_rewards(log, out / "reward.png")
             bar.update(1)
@@ -527,7 +528,7 @@ def run_rl(cfg) -> Path:
 # ----------------------------------------------------------------------------- evaluation
 
 def eval_tasks(cfg) -> list:
-    import factory
+    import synthetic
     if cfg.tasks:
         root = Path(cfg.tasks)
         dirs = [root] if (root / "paper.md").exists() else sorted(
@@ -537,7 +538,7 @@ def eval_tasks(cfg) -> list:
         return [sandbox.load_task(d) for d in dirs]
     tdir = Path(cfg.run_dir) / "eval" / "tasks"
     if not tdir.exists():
-        factory.make_synthetic_tasks(tdir, cfg.eval_tasks, cfg.seed + 10_000)   # held out
+        synthetic.make_synthetic_tasks(tdir, cfg.eval_tasks, cfg.seed + 10_000)   # held out
     return [sandbox.load_task(d) for d in sorted(p for p in tdir.iterdir() if p.is_dir())]
 
 
@@ -559,7 +560,7 @@ def run_eval(cfg, greedy: bool = True) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     tasks = eval_tasks(cfg)
     path = _model_to_eval(cfg)
-    tok, model = klong.load_model(cfg, path, for_training=False)
+    tok, model = load_model(cfg, path, for_training=False)
     model.eval().requires_grad_(False)
     shared = SharedPolicy(model, tok, cfg)
     grader = judge.parse_grader(cfg.judge, backend=cfg.sandbox)

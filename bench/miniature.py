@@ -3,7 +3,7 @@ miniature", issue 9). Not a timed test: a benchmark of what each stage of KLong 
 
 Every arm is klong's own pipeline, run as subprocesses `python klong.py --stage sft|rl|eval`:
 
-  data   factory.simulate_distill: the scripted expert on synthetic two-phase tasks (tag_R only in
+  data   synthetic.simulate_distill: the scripted expert on synthetic two-phase tasks (tag_R only in
          the prefix p; phase 2 only late in a trajectory), rejection-sampled. The simulation equals
          the sandbox-distilled trajectories message for message (tests/test_factory_sim.py), so
          thousands of trajectories cost seconds instead of ~1.5 s of CPU each.
@@ -51,6 +51,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import factory  # noqa: E402
+import synthetic  # noqa: E402
 
 # The paper's ablation (PAPER.md): PaperBench score, assistant turns, run time.
 PAPER_ROWS = {"A": ("baseline SFT", 38.63, 114.9, "1.52 h"),
@@ -171,11 +172,11 @@ def make_data(mc: MiniConfig) -> None:
     """Held-out evaluation tasks (family 10,000) and each seed's distilled trajectories."""
     tasks = mc.out / "eval_tasks"
     if not tasks.exists():
-        factory.make_synthetic_tasks(tasks, mc.eval_tasks, seed=10_000)
+        synthetic.make_synthetic_tasks(tasks, mc.eval_tasks, seed=10_000)
     for s in range(mc.seeds):
         out = mc.out / f"seed{s}" / "data"
         if not (out / "trajectories.jsonl").exists():
-            factory.simulate_distill(factory.FactoryConfig(out_dir=out, n_tasks=mc.n_train, seed=s))
+            synthetic.simulate_distill(factory.FactoryConfig(out_dir=out, n_tasks=mc.n_train, seed=s))
 
 
 def run_job(job: Job, log_dir: Path) -> tuple[str, int, float]:
@@ -239,9 +240,9 @@ def expert_reference(mc: MiniConfig) -> dict:
     cfg = factory.FactoryConfig(out_dir=mc.out)
     rows = []
     for d in sorted((mc.out / "eval_tasks").iterdir()):
-        spec = factory.load_spec(d)
+        spec = synthetic.load_spec(d)
         rng = random.Random(f"expert-{spec.task_id}-0")
-        t = factory.simulate_episode(spec, lambda m: factory.expert_action(
+        t = synthetic.simulate_episode(spec, lambda m: synthetic.expert_action(
             spec, m, rng, cfg.noise, cfg.flaw), mc.eval_timeout)
         rows.append((t.score, t.meta["turns"], t.meta["stop_reason"]))
     return {"score": statistics.fmean(r[0] for r in rows), "turns": statistics.fmean(r[1] for r in rows),

@@ -1,12 +1,12 @@
 """SFT throughput, supervised tokens/s: our loop vs TRL's `SFTTrainer` (BENCH.md row 4).
 
-Both sides train the same tiny Llama (klong.load_model, fp32, same seed, so the same initial
-weights) on the SAME tokenized sub-trajectories (klong.build_rows → split.tokenize: input_ids and
+Both sides train the same tiny Llama (model.load_model, fp32, same seed, so the same initial
+weights) on the SAME tokenized sub-trajectories (sft.build_rows → split.tokenize: input_ids and
 labels, −100 off the supervised assistant tokens), with the same optimizer (one torch AdamW +
 warm-up/cosine LambdaLR built as run_sft builds it, handed to TRL through `optimizers=`), the same
 gradient clip, the same number of optimizer steps and the same row capacity per step:
 
-- ours: klong.sft_step on `batch_rows` rows of ≤ `pack_len` tokens per step, packed by split.pack
+- ours: sft.sft_step on `batch_rows` rows of ≤ `pack_len` tokens per step, packed by split.pack
   with one shared copy of p per trajectory and row ([p | C₁W₁ | C₂W₂ | …]); attention through the
   additive 4D mask (sdpa) on CPU; the loss through the chunked fused log-prob reference.
 - TRL: `SFTTrainer` on a pre-tokenized dataset (`input_ids`, `labels`), `packing=True` with the
@@ -62,6 +62,8 @@ from tqdm import tqdm  # noqa: E402
 
 import chat  # noqa: E402
 import klong  # noqa: E402
+from model import load_model, tiny_tokenizer  # noqa: E402
+import sft  # noqa: E402
 import split  # noqa: E402
 from split_bench import agent_trajectory  # noqa: E402
 
@@ -100,16 +102,16 @@ class StepLog:
 
 
 class OurLoop:
-    """klong.sft_step on `batch_rows` shared-prefix rows per step, as run_sft does."""
+    """sft.sft_step on `batch_rows` shared-prefix rows per step, as run_sft does."""
 
     def __init__(self, cfg: klong.Config, rows: list[list[split.TokenizedSub]], steps: int,
                  pad_id: int):
         self.cfg, self.rows, self.pad_id, self.k = cfg, rows, pad_id, 0
-        _, self.model = klong.load_model(cfg)
+        _, self.model = load_model(cfg)
         self.model.train()
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, betas=(0.9, 0.95),
                                      weight_decay=cfg.weight_decay)
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, klong.lr_lambda(cfg, steps))
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, sft.lr_lambda(cfg, steps))
         self.log = StepLog()
 
     def step(self) -> None:
@@ -118,7 +120,7 @@ class OurLoop:
         t0, c0 = time.perf_counter(), time.process_time()
         batch = split.pack([s for r in picked for s in r], self.cfg.pack_len, self.pad_id,
                            share_prefix=True)
-        klong.sft_step(self.model, self.opt, [batch], self.cfg.clip)
+        sft.sft_step(self.model, self.opt, [batch], self.cfg.clip)
         self.sched.step()
         self.log.wall.append(time.perf_counter() - t0)
         self.log.cpu.append(time.process_time() - c0)
@@ -141,12 +143,12 @@ def trl_trainer(cfg: klong.Config, subs: list[split.TokenizedSub], steps: int, o
             self.tokens += int(inputs["input_ids"].numel())             # batch 1: no padding
             return super().training_step(model, inputs, num_items_in_batch)
 
-    tok, model = klong.load_model(cfg)
+    tok, model = load_model(cfg)
     data = datasets.Dataset.from_dict({"input_ids": [s.input_ids for s in subs],
                                        "labels": [s.labels for s in subs]})
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95),
                             weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, klong.lr_lambda(cfg, steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, sft.lr_lambda(cfg, steps))
     args = SFTConfig(output_dir=out_dir, max_steps=steps, per_device_train_batch_size=1,
                      gradient_accumulation_steps=cfg.batch_rows, max_length=cfg.pack_len,
                      packing=True, packing_strategy="bfd", padding_free=True,
@@ -242,7 +244,7 @@ def run_setting(name: str, p_frac: float, cfg: klong.Config, tok, a) -> dict:
     seeds = range(100, 100 + a.trajectories)
     words = paper_words_for(tok, round(p_frac * cfg.context_len), seeds)
     trajs = [agent_trajectory(s, a.turns, paper_words=words) for s in seeds]
-    rows = klong.build_rows(trajs, tok, cfg)
+    rows = sft.build_rows(trajs, tok, cfg)
     subs = [s for r in rows for s in r]
     p = [s.prefix_tokens for s in subs]
     lengths = [len(s.input_ids) for s in subs]
@@ -297,7 +299,7 @@ def main() -> None:
     import trl
     cfg = replace(klong.Config(), context_len=a.context_len, pack_len=4 * a.context_len,
                   device="cpu", attention="mask")
-    tok = klong.tiny_tokenizer(cfg)
+    tok = tiny_tokenizer(cfg)
     res = {"device": "cpu", "cpu": cpu_name(),
            "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
            "torch": torch.__version__, "transformers": transformers.__version__,

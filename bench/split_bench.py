@@ -29,6 +29,8 @@ import torch  # noqa: E402
 
 import chat  # noqa: E402
 import klong  # noqa: E402
+from model import load_model, packed_logprobs, tiny_tokenizer  # noqa: E402
+import sft  # noqa: E402
 import split  # noqa: E402
 
 CMDS = ["ls -la", "python train.py --epochs 3", "cat results.json", "git add -A && git commit -m wip",
@@ -107,14 +109,14 @@ def bench_split_tokenise(tok, cfg: split.SplitConfig, n: int) -> dict:
 
 
 def bench_sft_packing(cfg: klong.Config, steps: int) -> dict:
-    tok, model = klong.load_model(cfg)
+    tok, model = load_model(cfg)
     trajs = [agent_trajectory(100 + s, 60, paper_words=80) for s in range(4)]
     # the same sub-trajectories, in rows of pack_len tokens: with one shared copy of p per row,
     # or each sub-trajectory its own document (padding-free packing, p copied K times)
     packed = [split.pack(r, cfg.pack_len, tok.pad_token_id, share_prefix=True)
-              for r in klong.build_rows(trajs, tok, cfg)]
+              for r in sft.build_rows(trajs, tok, cfg)]
     flat_cfg = klong.Config(**{**cfg.__dict__, "pack": False})
-    subs = [s for r in klong.build_rows(trajs, tok, flat_cfg) for s in r]
+    subs = [s for r in sft.build_rows(trajs, tok, flat_cfg) for s in r]
     rows, row = [], []
     for s in subs:
         if row and sum(len(x.input_ids) for x in row) + len(s.input_ids) > cfg.pack_len:
@@ -126,11 +128,11 @@ def bench_sft_packing(cfg: klong.Config, steps: int) -> dict:
 
     def step_packed():
         for r in packed:
-            (-klong.packed_logprobs(model, r).sum()).backward()
+            (-packed_logprobs(model, r).sum()).backward()
 
     def step_unpacked():
         for r in rows:
-            (-klong.packed_logprobs(model, r).sum()).backward()
+            (-packed_logprobs(model, r).sum()).backward()
 
     out = {}
     for name, fn in (("packed", step_packed), ("unpacked", step_unpacked)):
@@ -163,7 +165,7 @@ def main() -> None:
     a = ap.parse_args()
     torch.manual_seed(0)
     cfg = klong.Config()
-    tok = klong.tiny_tokenizer(cfg)
+    tok = tiny_tokenizer(cfg)
     res = {"device": "cpu", "cpu": platform.processor() or platform.machine(),
            "cpus": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads()}
     big = split.SplitConfig(context_len=4096, overlap=256, history=0.3)   # a 300-word paper in p

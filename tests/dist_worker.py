@@ -17,6 +17,7 @@ import torch  # noqa: E402
 import dist  # noqa: E402
 import grpo  # noqa: E402
 import klong  # noqa: E402
+from model import load_model  # noqa: E402
 import split  # noqa: E402
 
 
@@ -28,8 +29,8 @@ def config() -> klong.Config:
 
 def build(cfg: klong.Config):
     """(tokenizer, policy, π_ref): the reference has other weights (seed + 1), so KL ≠ 0."""
-    tok, model = klong.load_model(cfg)
-    _, ref = klong.load_model(replace(cfg, seed=cfg.seed + 1))
+    tok, model = load_model(cfg)
+    _, ref = load_model(replace(cfg, seed=cfg.seed + 1))
     return tok, dist.shard(model, cfg), dist.shard(ref.eval().requires_grad_(False), cfg)
 
 

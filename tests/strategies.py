@@ -65,8 +65,8 @@ def split_cases(draw, max_turns: int = 2000):
 
 @st.composite
 def synthetic_specs(draw, m_range: tuple[int, int] = (2, 12)):
-    """A synthetic task spec (factory.SyntheticSpec): two tags from their pools, M items."""
-    from factory import TAGS_R, TAGS_W, SyntheticSpec
+    """A synthetic task spec (synthetic.SyntheticSpec): two tags from their pools, M items."""
+    from synthetic import TAGS_R, TAGS_W, SyntheticSpec
     return SyntheticSpec(task_id=f"syn-t-{draw(st.integers(0, 999)):05d}",
                          tag_w=draw(st.sampled_from(TAGS_W)), tag_r=draw(st.sampled_from(TAGS_R)),
                          m=draw(st.integers(*m_range)))

@@ -1,4 +1,4 @@
-"""factory.py, synthetic tasks: the step environment, the scripted expert, the rubric checks and
+"""synthetic.py, synthetic tasks: the step environment, the scripted expert, the rubric checks and
 the prefix-dependence property. The step script runs for real (bash on the host, in a copy of the
 sandbox's layout: paper/ beside submission/); the sandbox path is in test_factory_distill.py."""
 import json
@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import factory
-from factory import STEP, SyntheticSpec
+import synthetic
+from synthetic import STEP, SyntheticSpec
 from tests.strategies import synthetic_specs
 
 
@@ -24,7 +24,7 @@ def run_step(sub, cmd: str) -> str:
 
 def lay_out(tmp, spec):
     """tmp/paper (the task folder) and tmp/submission, like /home/paper and /home/submission."""
-    task = factory.write_synthetic_task(tmp / "paper", spec)
+    task = synthetic.write_synthetic_task(tmp / "paper", spec)
     (tmp / "submission").mkdir()
     return task, tmp / "submission"
 
@@ -33,7 +33,7 @@ def play(task_dir, sub, spec, rng, noise=0.0, flaw=0.0, max_turns=400) -> list[d
     """Drive the expert against the real step script until end_task; returns the messages."""
     messages = [{"role": "system", "content": "agent"}, {"role": "user", "content": "go"}]
     for _ in range(max_turns):
-        msg = factory.expert_action(spec, messages, rng, noise=noise, flaw=flaw)
+        msg = synthetic.expert_action(spec, messages, rng, noise=noise, flaw=flaw)
         messages.append(msg)
         call = msg["tool_calls"][0]
         name, args = call["function"]["name"], call["function"]["arguments"]
@@ -74,9 +74,9 @@ def commands(messages):
 
 
 def test_tasks_are_paperbench_folders_and_independent_of_count(tmp_path):
-    a = factory.make_synthetic_tasks(tmp_path / "a", 5, seed=3)
-    b = factory.make_synthetic_tasks(tmp_path / "b", 2, seed=3)
-    held_out = factory.make_synthetic_tasks(tmp_path / "c", 5, seed=4)
+    a = synthetic.make_synthetic_tasks(tmp_path / "a", 5, seed=3)
+    b = synthetic.make_synthetic_tasks(tmp_path / "b", 2, seed=3)
+    held_out = synthetic.make_synthetic_tasks(tmp_path / "c", 5, seed=4)
     for d in a:
         assert {p.name for p in d.iterdir()} == {"paper.md", "addendum.md", "blacklist.txt",
                                                  "rubric.json", "config.yaml", "instructions.txt", "step"}
@@ -84,15 +84,15 @@ def test_tasks_are_paperbench_folders_and_independent_of_count(tmp_path):
         assert os.access(d / "step", os.X_OK)
     assert [(d / "paper.md").read_text() for d in a[:2]] == [(d / "paper.md").read_text() for d in b]
     assert not {d.name for d in a} & {d.name for d in held_out}
-    spec = factory.load_spec(a[0])
+    spec = synthetic.load_spec(a[0])
     assert 24 <= spec.m <= 32 and len(leaf_checks(a[0])) == 2 * spec.m
 
 
 def test_generated_rubrics_validate_with_judge_and_every_leaf_has_a_check(tmp_path):
     judge = pytest.importorskip("judge")
-    for task in factory.make_synthetic_tasks(tmp_path, 3, seed=1, m_range=(2, 30)):
+    for task in synthetic.make_synthetic_tasks(tmp_path, 3, seed=1, m_range=(2, 30)):
         rubric = judge.load_rubric(task / "rubric.json")
-        m = factory.load_spec(task).m
+        m = synthetic.load_spec(task).m
         assert judge.rubric_stats(rubric)["leaves"] == 2 * m
         assert all(leaf.check for _, leaf in rubric.leaves())
 
@@ -153,7 +153,7 @@ def test_prefix_dependence_the_first_run_is_decided_by_the_prefix_alone(
     sees only that history can be right on both. The pinned prefix (the paper reading) names
     tag_R, so a policy that sees it can."""
     twin = SyntheticSpec(spec.task_id, spec.tag_w,
-                         factory.TAGS_R[(factory.TAGS_R.index(spec.tag_r) + other) % 16], spec.m)
+                         synthetic.TAGS_R[(synthetic.TAGS_R.index(spec.tag_r) + other) % 16], spec.m)
     views = []
     for s in (spec, twin):
         task, sub = lay_out(tmp_path_factory.mktemp("twin"), s)
@@ -162,7 +162,7 @@ def test_prefix_dependence_the_first_run_is_decided_by_the_prefix_alone(
         first_run = next(i for i, m in enumerate(msgs) if m["role"] == "assistant"
                          and (commands([m])[0] or "").startswith(f"{STEP} r "))
         history = msgs[prefix_len:first_run]
-        views.append((msgs[:prefix_len], history, factory.expected_action(s, msgs[:first_run])))
+        views.append((msgs[:prefix_len], history, synthetic.expected_action(s, msgs[:first_run])))
     (p_a, hist_a, right_a), (p_b, hist_b, right_b) = views
     assert hist_a == hist_b                                      # the truncated view is shared
     assert right_a == ("r", 1, spec.tag_r) and right_b == ("r", 1, twin.tag_r)
@@ -172,10 +172,10 @@ def test_prefix_dependence_the_first_run_is_decided_by_the_prefix_alone(
 
 def test_tokenizer_text_makes_tags_indices_and_observations_short():
     chat = pytest.importorskip("chat")
-    tok = chat.build_tiny_tokenizer(factory.tokenizer_text())
-    for word in [*factory.TAGS_W, *factory.TAGS_R, *map(str, range(1, 33))]:
+    tok = chat.build_tiny_tokenizer(synthetic.tokenizer_text())
+    for word in [*synthetic.TAGS_W, *synthetic.TAGS_R, *map(str, range(1, 33))]:
         assert len(tok.encode(" " + word, add_special_tokens=False)) == 1, word
     obs = {"role": "tool", "tool_call_id": "c", "name": "bash", "content": "w 12 ok"}
-    action = factory._step("r", 12, "owl", 0)
+    action = synthetic._step("r", 12, "owl", 0)
     assert len(chat.encode_message(tok, obs)[0]) <= 6
     assert len(chat.encode_message(tok, action)[0]) <= 18

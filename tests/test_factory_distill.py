@@ -9,6 +9,7 @@ import pytest
 
 import chat
 import factory
+import synthetic
 import judge
 import agent
 import sandbox
@@ -29,8 +30,8 @@ def small(tmp_path, **kw) -> FactoryConfig:
 
 
 def test_expert_submission_passes_every_check_and_an_empty_one_fails(tmp_path):
-    [task_dir] = factory.make_synthetic_tasks(tmp_path / "tasks", 1, seed=2, m_range=(3, 3))
-    episode = agent.run_episode(factory.expert_policy(task_dir, noise=0.3, flaw=0.65, seed=1),
+    [task_dir] = synthetic.make_synthetic_tasks(tmp_path / "tasks", 1, seed=2, m_range=(3, 3))
+    episode = agent.run_episode(synthetic.expert_policy(task_dir, noise=0.3, flaw=0.65, seed=1),
                                   task_dir, agent.Budget(max_turns=40, reminder_every=0),
                                   backend="local", submission_out=tmp_path / "sub")
     assert episode.stop_reason == "end_task" and episode.trajectory.prefix_len == 4
@@ -110,7 +111,7 @@ def test_endpoint_teacher_failures_are_recorded_not_scored_zero(tmp_path):
     broken = Teacher(None)
     reader = Teacher({"role": "assistant", "content": "", "tool_calls": [{
         "id": "c", "type": "function", "function": {
-            "name": "read_file_chunk", "arguments": json.dumps({"file": factory.PAPER})}}]})
+            "name": "read_file_chunk", "arguments": json.dumps({"file": synthetic.PAPER})}}]})
     try:
         failed = factory.run_factory(small(tmp_path / "a", n_tasks=1, attempts=1),
                                      teacher=f"openai:m@{broken.url}", backend="local")
@@ -132,7 +133,7 @@ def test_a_local_model_teacher_is_judged_like_any_other(tmp_path):
     """hf:PATH: a tiny random Qwen2 in chat.py's format, saved and reloaded offline; its attempt
     runs to the turn budget and is judged (score 0: it has not learnt anything)."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
-    tok = chat.build_tiny_tokenizer(factory.tokenizer_text())
+    tok = chat.build_tiny_tokenizer(synthetic.tokenizer_text())
     config = Qwen2Config(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1,
                          num_attention_heads=2, num_key_value_heads=1, intermediate_size=64,
                          max_position_embeddings=8192, pad_token_id=tok.pad_token_id)
@@ -154,13 +155,13 @@ def test_real_trajectories_need_the_pinned_prefix_at_the_first_run(tmp_path):
     cfg = small(tmp_path, n_tasks=2, attempts=1, m_range=defaults.m_range, noise=0.05, flaw=0.65,
                 turn_slack=1.5, threshold=0.9)
     factory.run_factory(cfg, backend="local")
-    tok = chat.build_tiny_tokenizer(factory.tokenizer_text())
+    tok = chat.build_tiny_tokenizer(synthetic.tokenizer_text())
     count = chat.count_tokens(tok)
     for traj in split.load_jsonl(tmp_path / "trajectories.jsonl"):
-        spec = factory.load_spec(tmp_path / "tasks" / traj.task_id)
+        spec = synthetic.load_spec(tmp_path / "tasks" / traj.task_id)
         first_run = next(i for i, m in enumerate(traj.messages) if m["role"] == "assistant"
                          and m["tool_calls"][0]["function"]["arguments"].get("cmd", "")
-                         .startswith(f"{factory.STEP} r "))
+                         .startswith(f"{synthetic.STEP} r "))
         history = traj.messages[:first_run]
         assert sum(map(count, traj.messages)) > 3.5 * 384
         for mode, sees_tag in (("window", False), ("klong", True)):

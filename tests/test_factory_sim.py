@@ -1,4 +1,4 @@
-"""factory.py, the simulated synthetic environment: simulate_distill / simulate_episode must equal
+"""synthetic.py, the simulated synthetic environment: simulate_distill / simulate_episode must equal
 the sandbox-distilled trajectories message for message (same expert, same random stream, same
 budgets, same rejection sampling), scores included, so the miniature's data shortcut is exact."""
 import json
@@ -8,6 +8,7 @@ import random
 import pytest
 
 import factory
+import synthetic
 from factory import FactoryConfig
 
 
@@ -25,17 +26,17 @@ def test_simulated_trajectories_equal_the_sandbox_ones(tmp_path, seed, noise, fl
     attempts = {a["id"]: a for a in lines(tmp_path / "real" / "attempts.jsonl")}
     assert len(attempts) == 6 and all(a["score"] is not None for a in attempts.values())
     for a in attempts.values():                                   # every attempt, kept or not
-        spec = factory.load_spec(tmp_path / "real" / "tasks" / a["task_id"])
+        spec = synthetic.load_spec(tmp_path / "real" / "tasks" / a["task_id"])
         rng = random.Random(f"expert-{spec.task_id}-{seed * 1000 + a['meta']['attempt']}")
-        sim = factory.simulate_episode(
-            spec, lambda m: factory.expert_action(spec, m, rng, noise, flaw),
-            math.ceil(slack * factory.turns_needed(spec)))
+        sim = synthetic.simulate_episode(
+            spec, lambda m: synthetic.expert_action(spec, m, rng, noise, flaw),
+            math.ceil(slack * synthetic.turns_needed(spec)))
         assert sim.messages == a["messages"]
         assert sim.prefix_len == a["prefix_len"] and sim.score == pytest.approx(a["score"])
         assert sim.meta["stop_reason"] == a["meta"]["stop_reason"]
         assert sim.meta["turns"] == a["meta"]["turns"]
     real = lines(tmp_path / "real" / "trajectories.jsonl")
-    sim = factory.simulate_distill(FactoryConfig(**{**cfg.__dict__, "out_dir": tmp_path / "sim"}))
+    sim = synthetic.simulate_distill(FactoryConfig(**{**cfg.__dict__, "out_dir": tmp_path / "sim"}))
     assert sorted(t.id for t in sim) == sorted(r["id"] for r in real)      # same tasks kept
     by_id = {r["id"]: r for r in real}
     for t in sim:
@@ -44,19 +45,19 @@ def test_simulated_trajectories_equal_the_sandbox_ones(tmp_path, seed, noise, fl
 
 
 def test_simulation_refuses_what_it_does_not_model():
-    spec = factory.sample_spec(0, 0, (3, 3))
+    spec = synthetic.sample_spec(0, 0, (3, 3))
     with pytest.raises(ValueError, match="not simulated"):
-        factory.simulate_episode(spec, lambda m: factory._call("python", {"code": "1"}, 0), 5)
+        synthetic.simulate_episode(spec, lambda m: synthetic._call("python", {"code": "1"}, 0), 5)
 
 
 def test_expert_recovers_progress_from_a_status_line_or_a_refusal_alone():
     """Under context management the window may hold no `ok` line: a status line or a refused
     item still gives the progress (the fix for context restarts)."""
-    spec = factory.SyntheticSpec("t", "red", "cat", 10)
+    spec = synthetic.SyntheticSpec("t", "red", "cat", 10)
     tool = lambda text: {"role": "tool", "name": "bash", "content": text}  # noqa: E731
-    assert factory.expected_action(spec, [tool("w 10 r 3")]) == ("r", 4, "cat")
-    assert factory.expected_action(spec, [tool("w 6 r 0")]) == ("w", 7, "red")
-    assert factory.expected_action(spec, [tool("w 10 r 0")]) == ("r", 1, "cat")
-    assert factory.expected_action(spec, [tool("error: next is r 5\n[exit code 1]")]) == ("r", 5, "cat")
-    assert factory.expected_action(spec, [tool("w 4 ok"), tool("error: wrong tag")]) == ("w", 5, "red")
-    assert factory.expected_action(spec, [tool("w 10 r 10")]) is None
+    assert synthetic.expected_action(spec, [tool("w 10 r 3")]) == ("r", 4, "cat")
+    assert synthetic.expected_action(spec, [tool("w 6 r 0")]) == ("w", 7, "red")
+    assert synthetic.expected_action(spec, [tool("w 10 r 0")]) == ("r", 1, "cat")
+    assert synthetic.expected_action(spec, [tool("error: next is r 5\n[exit code 1]")]) == ("r", 5, "cat")
+    assert synthetic.expected_action(spec, [tool("w 4 ok"), tool("error: wrong tag")]) == ("w", 5, "red")
+    assert synthetic.expected_action(spec, [tool("w 10 r 10")]) is None

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 import grpo
 import klong
+from model import load_model
 import split
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -161,10 +162,10 @@ def test_a_few_rl_steps_raise_the_reward_of_a_tiny_model():
 
 def _episode(tmp_path, context):
     import agent
-    import factory
+    import synthetic
     cfg = klong.Config(hidden_size=32, intermediate_size=64, context_len=384, max_new_tokens=24)
-    tok, model = klong.load_model(cfg, for_training=False)
-    task = factory.make_synthetic_tasks(tmp_path / "tasks", 1, seed=3)[0]
+    tok, model = load_model(cfg, for_training=False)
+    task = synthetic.make_synthetic_tasks(tmp_path / "tasks", 1, seed=3)[0]
     policy = agent.LocalPolicy(model, tok, temperature=1.0, max_new_tokens=cfg.max_new_tokens,
                                seed=0)
     budget = agent.Budget(max_turns=14, context=cfg.split if context else None, reminder_every=0)

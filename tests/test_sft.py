@@ -15,6 +15,8 @@ from hypothesis import strategies as st
 
 import chat
 import klong
+from model import packed_logprobs
+import sft
 import split
 from tests.strategies import make_trajectory
 
@@ -126,7 +128,7 @@ def test_packed_loss_and_gradients_equal_the_separate_subtrajectories(tok, tiny_
     tiny_model.zero_grad()
     packed = split.pack(subs, row_len, pad_id=tok.pad_token_id)
     assert packed.input_ids.numel() < sum(len(s.input_ids) for s in subs) or row_len < 1000
-    loss = -klong.packed_logprobs(tiny_model, packed).sum()
+    loss = -packed_logprobs(tiny_model, packed).sum()
     loss.backward()
     assert torch.allclose(loss, ref, rtol=1e-4), (loss.item(), ref.item())
     for p, g in zip(tiny_model.parameters(), ref_grads):
@@ -181,7 +183,7 @@ def test_sources_mix_by_weight_and_short_examples_pass_unchanged(tmp_path, tok):
     (tmp_path / "a.jsonl").write_text("".join(json.dumps(c) + "\n" for c in chats))
     datasets.Dataset.from_list(chats[:10]).to_parquet(str(tmp_path / "b.parquet"))
     datasets.Dataset.from_list(chats[:5]).save_to_disk(str(tmp_path / "c"))
-    mixed = klong.mix_sources(f"{tmp_path}/a.jsonl:2,{tmp_path}/b.parquet:1,{tmp_path}/c:1", 0)
+    mixed = sft.mix_sources(f"{tmp_path}/a.jsonl:2,{tmp_path}/b.parquet:1,{tmp_path}/c:1", 0)
     assert len(mixed) == 35
     from_a = sum(1 for t in mixed if "a.jsonl" in t.id)
     assert from_a in (17, 18)  # 35 × 2/4 = 17.5
@@ -194,7 +196,7 @@ def test_bad_source_names_the_file_and_line(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"messages": [{"role": "user", "content": "x"}]}\n'
                                         '{"messages": [{"role": "wizard"}]}\n')
     with pytest.raises(split.RecordError, match=r"bad.jsonl:2.*role"):
-        klong.mix_sources(str(tmp_path / "bad.jsonl"), 0)
+        sft.mix_sources(str(tmp_path / "bad.jsonl"), 0)
 
 
 # ----------------------------------------------------------------------------- the SFT stage
@@ -246,7 +248,7 @@ def test_sft_killed_and_rerun_resumes_and_matches_an_uninterrupted_run(tmp_path)
 
 
 def test_kernel_attention_path_gives_the_same_logprobs_as_the_mask_path(tok, tiny_model):
-    """klong.packed_logprobs through kernels/masked_attention (its reference on CPU) equals the
+    """model.packed_logprobs through kernels/masked_attention (its reference on CPU) equals the
     sdpa + additive 4D mask path on a packed shared-prefix batch."""
     from kernels.masked_attention import register_hf
     traj = split.trajectory_from_dict(make_trajectory(6, 30, 30, 0.0, 0))
@@ -254,10 +256,10 @@ def test_kernel_attention_path_gives_the_same_logprobs_as_the_mask_path(tok, tin
         traj, chat.count_tokens(tok), split.SplitConfig(context_len=320, overlap=40))]
     packed = split.pack(subs, 2048, pad_id=tok.pad_token_id)
     with torch.no_grad():
-        a = klong.packed_logprobs(tiny_model, packed)
+        a = packed_logprobs(tiny_model, packed)
         tiny_model.set_attn_implementation(register_hf())
         try:
-            b = klong.packed_logprobs(tiny_model, packed)
+            b = packed_logprobs(tiny_model, packed)
         finally:
             tiny_model.set_attn_implementation("sdpa")
     assert torch.allclose(a, b, atol=1e-5)

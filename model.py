@@ -1,0 +1,171 @@
+"""Model, tokenizer, packed log-probs and checkpoints: what SFT (sft.py) and RL (grpo.py) share.
+
+- `load_model`: a checkpoint folder, a Hugging Face path (offline), or the tiny Llama-style config
+  with random weights and the in-memory BPE (chat.py) trained on the synthetic tasks' text.
+- `packed_logprobs`: log π(a_t | τ_<t) for every position of a packed batch of sub-trajectories
+  (split.pack), the one quantity both losses are made of: L_SFT = −Σ log π (sft.sft_step) and the
+  PPO ratio r_t = π_θ / π_old (grpo.rl_update). The decoder runs once over the packed rows with the
+  shared-prefix mask (kernels/masked_attention.py); the LM head and log-softmax are fused
+  (kernels/fused_loss.py), so [B·T, V] logits never exist.
+- checkpoints: DCP shards (model + optimizer, any world size), the tokenizer, trainer_state.pt
+  and, optionally, a save_pretrained `model/` copy; `COMPLETE` is written last (docs/ARCHITECTURE.md,
+  "Data on disk").
+
+Functions take `cfg`, any object with klong.Config's fields (this module never imports klong).
+"""
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import chat
+import dist
+import split
+from kernels.fused_loss import token_logprobs
+from kernels.masked_attention import HF_KEY, register_hf
+
+
+def pick_device(cfg) -> torch.device:
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(cfg.device)
+
+
+def tiny_tokenizer(cfg):
+    """The offline BPE, trained on the shipped corpus plus the synthetic tasks' own text."""
+    import synthetic
+    return chat.build_tiny_tokenizer(synthetic.tokenizer_text(), vocab_size=cfg.vocab_size)
+
+
+def load_model(cfg, path: str | None = None, for_training: bool = True):
+    """(tokenizer, model): a checkpoint folder, a Hugging Face path, or the tiny config. A model
+    for training gets the masked shared-prefix attention where configured; one for sampling keeps
+    sdpa (the kernel is training-time attention over packed rows, no KV cache)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    dtype = getattr(torch, cfg.dtype)
+    path = path or cfg.init or (None if cfg.model == "tiny" else cfg.model)
+    if path:
+        if not Path(path).exists() and cfg.model != path:
+            raise FileNotFoundError(f"checkpoint {path} does not exist")
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype)
+        if not chat.is_compact(tok):
+            chat.check_message_additive(tok)
+    else:
+        torch.manual_seed(cfg.seed)
+        tok = tiny_tokenizer(cfg)
+        model = LlamaForCausalLM(LlamaConfig(
+            vocab_size=len(tok), hidden_size=cfg.hidden_size, num_hidden_layers=cfg.layers,
+            num_attention_heads=cfg.heads, num_key_value_heads=cfg.kv_heads,
+            intermediate_size=cfg.intermediate_size, max_position_embeddings=cfg.context_len * 2,
+            tie_word_embeddings=False, pad_token_id=tok.pad_token_id,
+            eos_token_id=chat.stop_token_id(tok), bos_token_id=None)).to(dtype)
+    model.config.use_cache = False
+    device = pick_device(cfg)
+    if cfg.attention not in ("kernel", "mask"):
+        raise ValueError(f"--attention: expected kernel or mask, got {cfg.attention!r}")
+    if for_training and cfg.attention == "kernel":
+        model.set_attn_implementation(register_hf())
+    return tok, model.to(device)
+
+
+def packed_logprobs(model, packed: split.Packed, temperature: float = 1.0) -> torch.Tensor:
+    """log π(targets) for every position of a packed batch, [B, T] (0 where target = −100).
+
+    The decoder runs once; the LM head and the log-softmax are fused (kernels/fused_loss.py:
+    Triton on CUDA, its chunked reference on CPU) so [B·T, V] logits never exist. It runs as the
+    model's forward (dist.call), so under FSDP the LM head's weight is gathered for the fused loss.
+    """
+    return dist.call(model, _packed_logprobs, packed, temperature)
+
+
+def _packed_logprobs(model, packed: split.Packed, temperature: float) -> torch.Tensor:
+    dev = next(model.parameters()).device
+    if model.config._attn_implementation == HF_KEY:
+        mask = {"doc_ids": packed.doc.to(dev), "seg_ids": packed.seg.to(dev)}
+    else:                                      # the same mask, materialised: [B, 1, T, T]
+        mask = {"attention_mask": packed.attention_mask(next(model.parameters()).dtype).to(dev)}
+    hidden = model.get_decoder()(input_ids=packed.input_ids.to(dev),
+                                 position_ids=packed.position_ids.to(dev),
+                                 **mask).last_hidden_state                # (B, T, H)
+    head = model.get_output_embeddings()
+    B, T, H = hidden.shape
+    logp = token_logprobs(hidden.reshape(B * T, H), head.weight, packed.targets.to(dev).reshape(-1),
+                          bias=head.bias, temperature=temperature)      # (B·T,)
+    return logp.reshape(B, T)
+
+
+def rng_state() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(),
+            "torch": torch.get_rng_state()}
+
+
+def set_rng_state(s: dict) -> None:
+    random.setstate(s["python"])
+    np.random.set_state(s["numpy"])
+    torch.set_rng_state(s["torch"])
+
+
+def save_checkpoint(out: Path, model, opt, tok, state: dict, keep: int = 2,
+                    pretrained: torch.dtype | None = None) -> Path:
+    """`out/checkpoint-STEP/`: `dcp/` (model + optimizer, sharded by torch.distributed.checkpoint:
+    one file per rank, resumable with any number of processes), the tokenizer and
+    trainer_state.pt (step, scheduler, RNG, ...); with `pretrained` (a dtype) also `model/`, a
+    save_pretrained folder any transformers-compatible server loads. `COMPLETE` is written last,
+    so a kill during saving never leaves a checkpoint that looks whole. Every rank calls it."""
+    ck = out / f"checkpoint-{state['step']}"
+    tmp = out / f".tmp-checkpoint-{state['step']}"
+    if dist.is_main():
+        shutil.rmtree(tmp, ignore_errors=True)
+    dist.barrier()
+    dist.save_sharded(tmp / "dcp", model, opt)
+    if pretrained is not None:
+        dist.export_pretrained(tmp / "model", model, tok, pretrained)
+    if dist.is_main():
+        tok.save_pretrained(tmp)
+        torch.save(state, tmp / "trainer_state.pt")
+        (tmp / "COMPLETE").write_text("ok")
+        shutil.rmtree(ck, ignore_errors=True)
+        tmp.rename(ck)
+        for old in sorted(_checkpoints(out), key=_step_of)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+    return ck
+
+
+def checkpoint_dtype(cfg) -> torch.dtype | None:
+    """The dtype of each checkpoint's save_pretrained copy, None when not wanted."""
+    return getattr(torch, cfg.dtype) if cfg.checkpoint_pretrained else None
+
+
+def load_checkpoint(ck: Path, model, opt) -> dict:
+    """Restore the model and optimizer saved by `save_checkpoint` (model already built and
+    sharded for this world size); returns trainer_state.pt. Every rank calls it."""
+    dist.load_sharded(ck / "dcp", model, opt)
+    return torch.load(ck / "trainer_state.pt", weights_only=False)
+
+
+def _checkpoints(out: Path) -> list[Path]:
+    return [p for p in out.glob("checkpoint-*") if (p / "COMPLETE").exists()] if out.exists() else []
+
+
+def _step_of(p: Path) -> int:
+    return int(p.name.split("-")[1])
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    cks = _checkpoints(out)
+    return max(cks, key=_step_of) if cks else None
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """On resume, drop log lines of steps after the checkpoint (they will be redone)."""
+    if path.exists():
+        keep = [ln for ln in path.read_text().splitlines() if ln.strip()
+                and json.loads(ln).get("step", 0) <= step]
+        path.write_text("".join(ln + "\n" for ln in keep))
