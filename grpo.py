@@ -43,6 +43,7 @@ import torch
 
 import dist
 import judge
+import judge_queue
 import agent
 import sandbox
 import split
@@ -256,7 +257,7 @@ class RolloutManager:
     Every judged rollout is appended to `log_path` at once, so a kill loses none.
     """
 
-    def __init__(self, shared: SharedPolicy, queue: judge.JudgeQueue, grader, cfg, log_path: Path,
+    def __init__(self, shared: SharedPolicy, queue: judge_queue.JudgeQueue, grader, cfg, log_path: Path,
                  work_dir: Path):
         self.shared, self.queue, self.grader, self.cfg = shared, queue, grader, cfg
         self.pool = ThreadPoolExecutor(cfg.rollout_workers, thread_name_prefix="rollout")
@@ -302,7 +303,7 @@ class RolloutManager:
                               ep.wall_s, 0.0, failed=ep.stop_reason))
             return
 
-        def judged(job: judge.JudgeJob) -> None:
+        def judged(job: judge_queue.JudgeJob) -> None:
             try:
                 score, failed = float(job.result()), ""
             except judge.JudgeFailure as e:                      # resolution 6
@@ -312,7 +313,7 @@ class RolloutManager:
                               ep.wall_s, job.queue_wait_s, failed))
         # resolution 8: judged as a TRAIN job; this rollout worker is free for the next episode
         # at once (no idle rollout machines while the judge works: the paper's pipeline fix)
-        self.queue.submit(lambda: self._grade(task, ep), judge.Priority.TRAIN,
+        self.queue.submit(lambda: self._grade(task, ep), judge_queue.Priority.TRAIN,
                           deadline_s=600).add_done_callback(judged)
 
     def _add(self, r: Rollout) -> None:
@@ -444,7 +445,7 @@ def run_rl(cfg) -> Path:
         shared = SharedPolicy(sampler, tok, cfg)
         shared.publish(weights, start)
         grader = judge.parse_grader(cfg.judge, backend=cfg.sandbox)
-        queue = judge.JudgeQueue(workers=cfg.judge_workers)
+        queue = judge_queue.JudgeQueue(workers=cfg.judge_workers)
         work = Path(tempfile.mkdtemp(prefix="klong_rl_"))
         mgr = RolloutManager(shared, queue, grader, cfg, out / "rollouts.jsonl", work)
         if (out / "rollouts.jsonl").exists():
@@ -570,7 +571,7 @@ def run_eval(cfg, greedy: bool = True) -> dict:
               "episodes (SE 0); for a spread, train and evaluate several seeds (bench/miniature.py)",
               flush=True)
     rows = []
-    with judge.JudgeQueue(workers=cfg.judge_workers) as queue:
+    with judge_queue.JudgeQueue(workers=cfg.judge_workers) as queue:
         bar = tqdm(total=cfg.seeds * len(tasks), desc="eval", unit="episode", dynamic_ncols=True)
         for seed in range(cfg.seeds):
             for k, task in enumerate(tasks):
@@ -580,7 +581,7 @@ def run_eval(cfg, greedy: bool = True) -> dict:
                                              backend=cfg.sandbox, submission_out=Path(tmp) / "sub")
                     job = queue.submit(lambda: judge.grade_submission(
                         task.dir, ep.submission_dir, grader, backend=cfg.sandbox).score,
-                        judge.Priority.EVAL, deadline_s=600)
+                        judge_queue.Priority.EVAL, deadline_s=600)
                     try:
                         score = float(job.result())
                     except judge.JudgeFailure as e:

@@ -1,18 +1,17 @@
-"""Rubric-tree judging: PaperBench rubrics, leaf graders, the reproduction step, the priority judge
-queue, and judge agreement.
+"""Rubric-tree judging: PaperBench rubrics, leaf graders, the reproduction step, aggregation and
+judge agreement (the priority queue that runs judge jobs is judge_queue.py).
 
 Paper: KLong trains and evaluates on PaperBench (Starace et al., arXiv 2504.01848; see
 ../shared/design/PAPERBENCH.md). A replication is scored by a rubric tree: each leaf is graded 0 or 1
 by a judge, an internal node is the weighted mean of its children, and the paper's score is the
 root's. In progressive RL that root score is the reward Q_j of rollout j (ARCHITECTURE.md 5); KLong
-judged with gpt-oss-120b after checking that it ranks submissions like o3-mini (section 8 here).
+judged with gpt-oss-120b after checking that it ranks submissions like o3-mini (section 7 here).
 
     score(leaf) ∈ {0, 1}   (an invalid leaf counts 0 and is counted)
     score(n)    = Σ_c w_c · score(c) / Σ_c w_c,   and 0 when Σ_c w_c = 0
 
 Sections: 1 rubric trees, 2 graded trees and aggregation, 3 evidence, 4 leaf graders (LLM endpoint,
-local transformers model, executable checks), 5 reproduction, 6 grade_submission, 7 priority judge
-queue, 8 agreement, 9 CLI.
+local transformers model, executable checks), 5 reproduction, 6 grade_submission, 7 agreement, 8 CLI.
 
 Departures from PaperBench's SimpleJudge, and gaps it leaves (each repeated where it happens):
 - Executable checks: a leaf may carry `"check": "<shell command>"`, a field of our own (PaperBench
@@ -38,12 +37,9 @@ Departures from PaperBench's SimpleJudge, and gaps it leaves (each repeated wher
 from __future__ import annotations
 
 import argparse
-import heapq
-import itertools
 import json
 import math
 import os
-import queue
 import re
 import sys
 import tempfile
@@ -51,7 +47,6 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field, replace
-from enum import IntEnum
 from pathlib import Path
 from typing import Callable, Iterator, Mapping, Protocol, Sequence
 
@@ -328,6 +323,31 @@ def recompute(graded: GradedNode) -> GradedNode:
                    score=weighted_mean([k.score for k in kids], [k.node.weight for k in kids]))
 
 
+def leaf_shares(node: RubricNode | GradedNode, share: float = 1.0,
+                path: NodePath = ()) -> dict[NodePath, float]:
+    """Each leaf's share of the root score: the product down its path of w_c / Σ_siblings w
+    (0 under a node whose children weigh 0 in all). The shares sum to 1 unless weights are 0."""
+    kids = node.sub_tasks
+    rubric_kids = [k.node if isinstance(k, GradedNode) else k for k in kids]
+    if not kids:
+        return {path: share}
+    total = sum(k.weight for k in rubric_kids)
+    out: dict[NodePath, float] = {}
+    for i, (k, rk) in enumerate(zip(kids, rubric_kids)):
+        out.update(leaf_shares(k, share * rk.weight / total if total > 0 else 0.0, path + (i,)))
+    return out
+
+
+def invalid_share(graded: GradedNode) -> float:
+    """The share of the root score held by invalid leaves (leaf_shares). When every leaf weighs
+    0 (a degenerate tree), the share of invalid leaves by count instead."""
+    shares = leaf_shares(graded)
+    leaves = dict(graded.leaves())
+    if sum(shares.values()) == 0:
+        return sum(not g.valid_score for g in leaves.values()) / len(leaves)
+    return sum(s for p, s in shares.items() if not leaves[p].valid_score)
+
+
 def aggregate(rubric: RubricNode, verdicts: Mapping[NodePath, Verdict]) -> GradedNode:
     """The graded tree of `rubric` from one verdict per leaf (keyed by tree position)."""
     def build(node: RubricNode, path: NodePath) -> GradedNode:
@@ -453,12 +473,28 @@ class LeafGrader(Protocol):
               leaves: list[tuple[NodePath, RubricNode]]) -> dict[NodePath, Verdict]: ...
 
 
-class JudgeUnavailable(RuntimeError):
+class JudgeFailure(RuntimeError):
+    """No score could be made (never a score of 0): too many invalid leaves, an endpoint down after
+    its retries, a judge job past its deadline (judge_queue.py). `job` is the queue's job, if any;
+    `__cause__` holds the last error."""
+
+    def __init__(self, message: str, job: object = None):
+        super().__init__(message)
+        self.job = job
+
+
+class JudgeUnavailable(JudgeFailure):
     """The judge endpoint failed even after its retries (an outage, not a grade)."""
 
 
 class JudgeRequestError(RuntimeError):
-    """The endpoint refused one request (HTTP 4xx other than 429): that leaf is invalid."""
+    """The endpoint refused one request (HTTP 4xx other than 401/403/404/429): that leaf is
+    invalid."""
+
+
+class JudgeAccessError(RuntimeError):
+    """The judge cannot work at all: HTTP 401/403 (key) or 404 (unknown model or wrong URL). Not a
+    JudgeFailure: nothing is retried or dropped, the run stops at the first call."""
 
 
 @dataclass
@@ -520,10 +556,16 @@ class ChatModel(Protocol):
     def complete(self, messages: list[dict]) -> Reply: ...
 
 
+ACCESS_ERRORS = {401: "the API key is missing or wrong (set OPENAI_API_KEY)",
+                 403: "the API key may not use this model",
+                 404: "unknown model or wrong URL"}
+
+
 class OpenAIChat:
     """An OpenAI-compatible /v1/chat/completions endpoint (vLLM, SGLang, hosted APIs). Connection
     errors, timeouts, HTTP 429 and 5xx are retried with backoff; after the last try the endpoint is
-    unavailable (JudgeUnavailable). Other 4xx: JudgeRequestError."""
+    unavailable (JudgeUnavailable). 401/403/404: JudgeAccessError at once, and at once again for
+    every later call. Other 4xx: JudgeRequestError (that leaf is invalid)."""
 
     def __init__(self, url: str, model: str, *, context_tokens: int = 131_072,
                  max_tokens: int | None = None, timeout_s: float = 600.0,
@@ -532,6 +574,7 @@ class OpenAIChat:
         self.endpoint = url if url.endswith(suffix) else url.rstrip("/") + suffix
         self.model, self.context_tokens, self.max_tokens = model, context_tokens, max_tokens
         self.backoff, self.name = backoff or Backoff(), f"openai:{model}"
+        self._denied = ""   # set by the first 401/403/404
         key = api_key or os.environ.get("OPENAI_API_KEY")
         self._client = httpx.Client(timeout=timeout_s,
                                     headers={"Authorization": f"Bearer {key}"} if key else {})
@@ -540,6 +583,8 @@ class OpenAIChat:
         return (len(text) + 3) // 4   # ≈ 4 characters per token (PaperBench counts with tiktoken)
 
     def complete(self, messages: list[dict]) -> Reply:
+        if self._denied:   # one refusal stops every later call (no request is sent)
+            raise JudgeAccessError(self._denied)
         body = {"model": self.model, "messages": messages}
         if self.max_tokens:
             body["max_tokens"] = self.max_tokens
@@ -560,6 +605,11 @@ class OpenAIChat:
                         return Reply(message.get("content") or "", data.get("usage"), k)
                 elif r.status_code == 429 or r.status_code >= 500:
                     error = f"HTTP {r.status_code}: {r.text[:200]}"
+                elif r.status_code in ACCESS_ERRORS:
+                    self._denied = (f"judge endpoint {self.endpoint} (model {self.model!r}): "
+                                    f"HTTP {r.status_code}, {ACCESS_ERRORS[r.status_code]}: "
+                                    f"{' '.join(r.text.split())[:200]}")
+                    raise JudgeAccessError(self._denied)
                 else:
                     raise JudgeRequestError(f"{self.endpoint} refused the request: "
                                             f"HTTP {r.status_code}: {r.text[:500]}")
@@ -863,17 +913,46 @@ def run_reproduction(submission_dir: str | os.PathLike, out_dir: str | os.PathLi
 # ====================================================================== 6. grade_submission
 
 
+MAX_INVALID_SHARE = 0.10   # a judgment with more of its weight in invalid leaves is no judgment
+
+
+class InvalidJudgment(JudgeFailure):
+    """Too much of the rubric could not be graded: more than `max_invalid` of the root score's
+    weight sits in invalid leaves. Carries the graded tree, for the record."""
+
+    def __init__(self, graded: GradedNode, share: float, max_invalid: float):
+        self.graded, self.share, self.max_invalid = graded, share, max_invalid
+        leaves = [g for _, g in graded.leaves()]
+        self.invalid, self.leaves = sum(not g.valid_score for g in leaves), len(leaves)
+        first = next(g for g in leaves if not g.valid_score)
+        super().__init__(f"{self.invalid} of {self.leaves} leaves could not be graded ({share:.0%} "
+                         f"of the rubric's weight; at most {max_invalid:.0%} allowed), e.g. leaf "
+                         f"{first.node.id!r}: {first.explanation[:200]}")
+
+
+def needs_reproduction(rubric: RubricNode) -> bool:
+    """PaperBench reproduces before grading when the rubric has Code Execution or Result Analysis
+    leaves. Ours: such leaves graded from evidence, i.e. without an executable check (a check
+    reads the submission's files as they are: synthetic tasks, all checks, are not reproduced)."""
+    return any(leaf.task_category in (CODE_EXEC, RESULT_ANALYSIS) and leaf.check is None
+               for _, leaf in rubric.leaves())
+
+
 def grade_submission(task_dir: str | os.PathLike, submission_dir: str | os.PathLike,
                      grader: LeafGrader | Sequence[LeafGrader], code_dev: bool = False,
-                     reproduce: bool = False, *, resources_provided: bool = False,
-                     reproduce_timeout_s: float = REPRODUCE_TIMEOUT_S,
-                     backend: str = "auto") -> GradedNode:
+                     reproduce: bool | None = None, *, resources_provided: bool = False,
+                     reproduce_timeout_s: float = REPRODUCE_TIMEOUT_S, backend: str = "auto",
+                     max_invalid: float = MAX_INVALID_SHARE) -> GradedNode:
     """Grade one submission against the task's rubric.json.
 
-    Each leaf goes to the first grader that accepts it (a CheckGrader takes the leaves that carry
-    a check); a leaf no grader accepts is invalid. Code-Dev keeps only Code Development leaves and
-    never reproduces. Raises JudgeUnavailable when a judge endpoint stays down: the caller decides
-    (ARCHITECTURE.md 6); the score is never a silent 0."""
+    Reproduction (PaperBench): with `reproduce` None, reproduce.sh runs in a fresh sandbox first
+    when needs_reproduction(rubric); True / False force it. Code-Dev keeps only Code Development
+    leaves and never reproduces. Each leaf goes to the first grader that accepts it (a CheckGrader
+    takes the leaves that carry a check); a leaf no grader accepts is invalid.
+
+    Never a silent 0 (ARCHITECTURE.md 6): raises InvalidJudgment when invalid leaves hold more
+    than `max_invalid` of the weight, JudgeUnavailable when a judge endpoint stays down, and
+    JudgeAccessError when it refuses our key or model; the caller drops or retries the rollout."""
     task_dir = Path(task_dir)
     rubric = load_rubric(task_dir / "rubric.json")
     if resources_provided:
@@ -884,6 +963,8 @@ def grade_submission(task_dir: str | os.PathLike, submission_dir: str | os.PathL
             raise RubricError("$", "task_category", "at least one Code Development leaf for a "
                               "Code-Dev run", None, rubric.id, task_dir / "rubric.json")
         rubric = kept
+    if reproduce is None:
+        reproduce = needs_reproduction(rubric)
     graders = list(grader) if isinstance(grader, (list, tuple)) else [grader]
     with tempfile.TemporaryDirectory(prefix="klong_judge_") as tmp:
         sub, meta = Path(submission_dir), None
@@ -905,222 +986,12 @@ def grade_submission(task_dir: str | os.PathLike, submission_dir: str | os.PathL
     graded = aggregate(rubric, verdicts)
     if meta is not None:   # the root may be the only leaf: keep its grader's metadata too
         graded.judge_metadata = {**(graded.judge_metadata or {}), **meta}
+    share = invalid_share(graded)
+    if share > max_invalid:
+        raise InvalidJudgment(graded, share, max_invalid)
     return graded
 
-# ==================================================================== 7. priority judge queue
-
-
-class Priority(IntEnum):
-    """Lower runs first: evaluation jobs jump ahead of training jobs (ARCHITECTURE.md 8)."""
-    EVAL = 0
-    TRAIN = 1
-
-
-class JudgeFailure(RuntimeError):
-    """A judge job that produced no score: its deadline passed, its retries ran out, it raised,
-    or the queue closed first. `__cause__` holds the last error."""
-
-    def __init__(self, message: str, job: JudgeJob):
-        super().__init__(message)
-        self.job = job
-
-
-class JudgeJob:
-    """A submitted judge job; future-like. Times are time.monotonic() seconds."""
-
-    def __init__(self, fn: Callable[[], object], priority: Priority, deadline_s: float | None,
-                 name: str):
-        self.fn, self.priority, self.name = fn, priority, name
-        self.submitted_at = time.monotonic()
-        self.deadline = None if deadline_s is None else self.submitted_at + deadline_s
-        self.started_at: float | None = None
-        self.finished_at: float | None = None
-        self.attempts = 0
-        self.service_s = 0.0   # time spent inside fn, summed over attempts
-        self.running = False   # a worker holds it (guarded by the queue's lock)
-        self.worker: threading.Thread | None = None
-        self.abandoned = False  # its deadline passed while a worker held it
-        self._value: object = None
-        self._error: JudgeFailure | None = None
-        self._done = threading.Event()
-        self._lock = threading.Lock()
-        self._callbacks: list[Callable[[JudgeJob], None]] = []
-
-    @property
-    def queue_wait_s(self) -> float:
-        """Submission to first start (to now, or to the failure, while it never started)."""
-        end = self.started_at or self.finished_at or time.monotonic()
-        return end - self.submitted_at
-
-    def done(self) -> bool:
-        return self._done.is_set()
-
-    def result(self, timeout: float | None = None) -> object:
-        """The value fn returned; raises JudgeFailure, or TimeoutError after `timeout` seconds."""
-        if not self._done.wait(timeout):
-            raise TimeoutError(f"judge job {self.name!r} not finished after {timeout} s")
-        if self._error is not None:
-            raise self._error
-        return self._value
-
-    def _finish(self, value: object = None, error: str | None = None,
-                cause: BaseException | None = None) -> bool:
-        """Settle the job once (the first of worker and deadline wins); run the callbacks."""
-        with self._lock:
-            if self._done.is_set():
-                return False
-            self._value = value
-            if error is not None:
-                self._error = JudgeFailure(f"judge job {self.name!r}: {error}", self)
-                self._error.__cause__ = cause
-            self.finished_at = time.monotonic()
-            self._done.set()
-            callbacks = list(self._callbacks)
-        for cb in callbacks:
-            cb(self)
-        return True
-
-    def add_done_callback(self, cb: Callable[[JudgeJob], None]) -> None:
-        """Call cb(job) when the job finishes (at once if it has); like a Future's."""
-        with self._lock:
-            if not self._done.is_set():
-                self._callbacks.append(cb)
-                return
-        cb(self)
-
-
-class JudgeQueue:
-    """A bounded pool of worker threads running judge jobs: by priority, FIFO within a priority;
-    retries with exponential backoff on `retry_on` errors (endpoint outages); a deadline per job
-    (a queued job past it never runs; a running one is failed at once and its worker replaced, so
-    a hung job does not take a slot). Results as they finish: `as_completed`."""
-
-    def __init__(self, workers: int = 4, backoff: Backoff | None = None,
-                 retry_on: tuple[type[BaseException], ...] = (JudgeUnavailable,)):
-        self.workers, self.backoff, self.retry_on = workers, backoff or Backoff(), retry_on
-        self._heap: list[tuple[int, int, JudgeJob]] = []        # (priority, seq, job)
-        self._deadlines: list[tuple[float, int, JudgeJob]] = []  # (deadline, seq, job)
-        self._seq = itertools.count()
-        self._cv = threading.Condition()
-        self._closed = False
-        self._threads = [self._spawn() for _ in range(workers)]
-        self._watchdog = threading.Thread(target=self._watch, name="judge-deadlines", daemon=True)
-        self._watchdog.start()
-
-    def submit(self, fn: Callable[[], object], priority: Priority = Priority.TRAIN,
-               deadline_s: float | None = None, name: str | None = None) -> JudgeJob:
-        with self._cv:
-            if self._closed:
-                raise RuntimeError("the judge queue is closed")
-            seq = next(self._seq)
-            job = JudgeJob(fn, Priority(priority), deadline_s, name or f"job-{seq}")
-            heapq.heappush(self._heap, (job.priority, seq, job))
-            if job.deadline is not None:
-                heapq.heappush(self._deadlines, (job.deadline, seq, job))
-            self._cv.notify_all()
-        return job
-
-    def as_completed(self, jobs: Sequence[JudgeJob],
-                     timeout: float | None = None) -> Iterator[JudgeJob]:
-        """Yield `jobs` as they finish (succeeded or failed: call .result())."""
-        finished: queue.SimpleQueue[JudgeJob] = queue.SimpleQueue()
-        for job in jobs:
-            job.add_done_callback(finished.put)
-        end = None if timeout is None else time.monotonic() + timeout
-        for _ in range(len(jobs)):
-            try:
-                yield finished.get(timeout=None if end is None else max(0.0, end - time.monotonic()))
-            except queue.Empty:
-                raise TimeoutError(f"judge jobs still running after {timeout} s") from None
-
-    def pending(self) -> int:
-        with self._cv:
-            return sum(not job.done() for _, _, job in self._heap)
-
-    def close(self, cancel_pending: bool = False) -> None:
-        """Stop taking jobs; finish the queued ones (or fail them with cancel_pending)."""
-        with self._cv:
-            self._closed = True
-            if cancel_pending:
-                for _, _, job in self._heap:
-                    job._finish(error="the judge queue closed before it ran")
-                self._heap.clear()
-            self._cv.notify_all()
-        for t in list(self._threads):
-            t.join()
-
-    def __enter__(self) -> JudgeQueue:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def _spawn(self) -> threading.Thread:
-        t = threading.Thread(target=self._work, name="judge-worker", daemon=True)
-        t.start()
-        return t
-
-    def _work(self) -> None:
-        while True:
-            with self._cv:
-                while not self._heap and not self._closed:
-                    self._cv.wait()
-                if not self._heap:
-                    return
-                job = heapq.heappop(self._heap)[2]
-                if job.done():       # its deadline passed while it waited
-                    continue
-                job.running, job.started_at = True, time.monotonic()
-                job.worker = threading.current_thread()
-            self._run(job)
-            with self._cv:
-                job.running = False
-                if job.abandoned:   # a replacement worker took this one's slot at the deadline
-                    return
-
-    def _run(self, job: JudgeJob) -> None:
-        error: BaseException | None = None
-        for k in range(self.backoff.attempts):
-            if job.done():
-                return
-            t0 = time.monotonic()
-            job.attempts += 1
-            try:
-                value = job.fn()
-            except self.retry_on as e:
-                job.service_s += time.monotonic() - t0
-                error = e
-            except Exception as e:
-                job.service_s += time.monotonic() - t0
-                job._finish(error=f"failed: {type(e).__name__}: {e}", cause=e)
-                return
-            else:
-                job.service_s += time.monotonic() - t0
-                job._finish(value=value)
-                return
-            if k + 1 < self.backoff.attempts:
-                job._done.wait(self.backoff.delay(k))   # wakes early if the deadline fails it
-        job._finish(error=f"still failing after {job.attempts} attempts: {error}", cause=error)
-
-    def _watch(self) -> None:
-        """Fail jobs at their deadline; a running one's worker is replaced (threads cannot be
-        killed: its fn finishes in the background and its result is dropped)."""
-        with self._cv:
-            while not (self._closed and not self._heap and
-                       all(not t.is_alive() for t in self._threads)):
-                now = time.monotonic()
-                while self._deadlines and self._deadlines[0][0] <= now:
-                    job = heapq.heappop(self._deadlines)[2]
-                    if job._finish(error=f"deadline of {job.deadline - job.submitted_at:g} s "
-                                   "passed") and job.running:
-                        job.abandoned = True   # close() will not wait for it either
-                        self._threads = [t for t in self._threads
-                                         if t.is_alive() and t is not job.worker]
-                        self._threads.append(self._spawn())
-                wait = self._deadlines[0][0] - now if self._deadlines else 0.5
-                self._cv.wait(timeout=min(wait, 0.5))
-
-# ============================================================================= 8. agreement
+# ============================================================================= 7. agreement
 
 
 def macro_f1(truth: Sequence[int], pred: Sequence[int]) -> float:
@@ -1172,7 +1043,7 @@ def judge_agreement(pairs: Sequence[tuple[GradedNode, GradedNode]]) -> Agreement
     return Agreement(len(pairs), len(truth), skipped, macro_f1(truth, pred) if truth else None,
                      rank(stats.spearmanr), rank(stats.kendalltau))
 
-# =================================================================================== 9. CLI
+# =================================================================================== 8. CLI
 
 
 def parse_grader(spec: str, backend: str = "auto") -> LeafGrader:
@@ -1208,8 +1079,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--code-dev", action="store_true", help="Code-Dev variant (no reproduction)")
     p.add_argument("--resources-provided", action="store_true",
                    help="Dataset and Model Acquisition leaves weigh 0")
-    p.add_argument("--reproduce", action="store_true",
-                   help="run reproduce.sh in a fresh sandbox first")
+    p.add_argument("--reproduce", action=argparse.BooleanOptionalAction, default=None,
+                   help="run reproduce.sh in a fresh sandbox first (default: when the rubric has "
+                        "Code Execution / Result Analysis leaves without checks)")
+    p.add_argument("--max-invalid", type=float, default=MAX_INVALID_SHARE, metavar="SHARE",
+                   help="fail (exit 2) when invalid leaves hold more of the weight than this")
     p.add_argument("--reproduce-timeout", type=float, default=REPRODUCE_TIMEOUT_S, metavar="S")
     p.add_argument("--backend", default="auto", help="sandbox backend: auto | docker | local")
     p.add_argument("--out", type=Path, help="write the graded tree (PaperBench's graded JSON)")
@@ -1229,7 +1103,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 args.task_dir, args.submission_dir,
                 [parse_grader(s, args.backend) for s in args.grader], args.code_dev,
                 args.reproduce, resources_provided=args.resources_provided,
-                reproduce_timeout_s=args.reproduce_timeout, backend=args.backend)
+                reproduce_timeout_s=args.reproduce_timeout, backend=args.backend,
+                max_invalid=args.max_invalid)
             if args.out:
                 args.out.write_text(json.dumps(graded.to_dict(), indent=4, ensure_ascii=False))
             result = {"score": graded.score, "leaves": sum(1 for _ in graded.leaves()),
@@ -1239,7 +1114,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 ap.error("agree takes pairs: REF_1 JUDGED_1 [REF_2 JUDGED_2 ...]")
             trees = [load_graded(f) for f in args.graded]
             result = asdict(judge_agreement(list(zip(trees[::2], trees[1::2]))))
-    except (RubricError, ValueError, JudgeUnavailable) as e:
+    except InvalidJudgment as e:   # no score: the count, and the partial tree when asked for
+        if args.out:
+            args.out.write_text(json.dumps(e.graded.to_dict(), indent=4, ensure_ascii=False))
+        print(f"judge.py {args.command}: no score: {e}", file=sys.stderr)
+        return 2
+    except (RubricError, ValueError, JudgeFailure, JudgeAccessError) as e:
         print(f"judge.py {args.command}: {e}", file=sys.stderr)
         return 1
     print(json.dumps(result))

@@ -4,7 +4,7 @@ time"; ARCHITECTURE.md 8).
 Simulation: `workers` judge workers; a backlog of training jobs whose service times are spread
 1-10x a base time (rollouts of very different lengths) is submitted at once, then evaluation jobs
 arrive one by one while the backlog drains. Jobs sleep for their service time (a judge call is
-I/O-bound for the caller). Ours: judge.JudgeQueue with Priority.EVAL for evaluation jobs. Anchor,
+I/O-bound for the caller). Ours: judge_queue.JudgeQueue with Priority.EVAL for evaluation jobs. Anchor,
 same run and same jobs: the same queue with every job at one priority (plain FIFO).
 
 Figure: an evaluation job's queue wait divided by the longest service time; with priority it
@@ -25,7 +25,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from judge import Backoff, JudgeQueue, Priority  # noqa: E402
+from judge import Backoff  # noqa: E402
+from judge_queue import JudgeQueue, Priority  # noqa: E402
 
 
 def run(workers: int, backlog: int, evals: int, base: float, prioritise: bool, seed: int) -> dict:

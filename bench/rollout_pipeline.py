@@ -1,7 +1,7 @@
 """The RL pipeline: partial rollouts + priority judge queue vs synchronous batches (BENCH.md row
 "judged rollouts per minute, rollout times spread 1–10×"; KLong §3.4 "pipeline imbalance").
 
-The real grpo.RolloutManager and judge.JudgeQueue run with their real threads; only the work is
+The real grpo.RolloutManager and judge_queue.JudgeQueue run with their real threads; only the work is
 replaced by sleeps, so the figure measures the pipeline, not the model: an episode lasts
 base × U(1, 10) (rollouts hit different timeouts), grading one rollout `judge` seconds, an
 optimizer step `train` seconds.
@@ -11,7 +11,7 @@ optimizer step `train` seconds.
 - ours (grpo.run_rl's loop): the next step's rollouts start before this step trains, each rollout
   is judged as soon as it ends (its worker moves on), and training waits only for its own groups.
 
-Also: with a training backlog in the queue, the wait of evaluation jobs (judge.Priority.EVAL).
+Also: with a training backlog in the queue, the wait of evaluation jobs (judge_queue.Priority.EVAL).
 
     python bench/rollout_pipeline.py [--steps 6] [--base 0.05]
 
@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import grpo  # noqa: E402
-import judge  # noqa: E402
+import judge_queue  # noqa: E402
 import klong  # noqa: E402
 import split  # noqa: E402
 
@@ -63,7 +63,7 @@ class SleepingManager(grpo.RolloutManager):
 
 
 def ours(cfg, steps: int, base: float, judge_s: float, train_s: float, seed: int) -> float:
-    with tempfile.TemporaryDirectory() as tmp, judge.JudgeQueue(cfg.judge_workers) as queue:
+    with tempfile.TemporaryDirectory() as tmp, judge_queue.JudgeQueue(cfg.judge_workers) as queue:
         mgr = SleepingManager(None, queue, None, cfg, Path(tmp) / "r.jsonl", Path(tmp),
                               base=base, judge_s=judge_s, seed=seed)
         plan = grpo.schedule(cfg, 8)[:steps]
@@ -83,7 +83,7 @@ def ours(cfg, steps: int, base: float, judge_s: float, train_s: float, seed: int
 def synchronous(cfg, steps: int, base: float, judge_s: float, train_s: float, seed: int) -> float:
     rng = random.Random(seed)
     n = cfg.n_rollouts * cfg.tasks_per_step
-    with ThreadPoolExecutor(cfg.rollout_workers) as pool, judge.JudgeQueue(cfg.judge_workers) as q:
+    with ThreadPoolExecutor(cfg.rollout_workers) as pool, judge_queue.JudgeQueue(cfg.judge_workers) as q:
         t0 = time.perf_counter()
         for _ in range(steps):
             list(pool.map(lambda _: fake_episode(rng, base), range(n)))       # all rollouts end
@@ -97,10 +97,10 @@ def synchronous(cfg, steps: int, base: float, judge_s: float, train_s: float, se
 
 def eval_wait(cfg, judge_s: float) -> dict:
     """Evaluation jobs submitted behind a backlog of training jobs: their wait vs a service."""
-    with judge.JudgeQueue(cfg.judge_workers) as q:
+    with judge_queue.JudgeQueue(cfg.judge_workers) as q:
         [q.submit(lambda: time.sleep(judge_s)) for _ in range(6 * cfg.judge_workers)]
         time.sleep(judge_s / 2)
-        ev = [q.submit(lambda: time.sleep(judge_s), judge.Priority.EVAL) for _ in range(2)]
+        ev = [q.submit(lambda: time.sleep(judge_s), judge_queue.Priority.EVAL) for _ in range(2)]
         for j in ev:
             j.result()
         return {"max_eval_wait_s": max(j.queue_wait_s for j in ev), "service_s": judge_s}

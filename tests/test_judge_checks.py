@@ -98,7 +98,7 @@ def test_a_hanging_check_times_out_as_zero_and_unchecked_leaves_are_invalid(tmp_
     task = make_task(tmp_path, rubric)
     t0 = time.monotonic()
     graded = judge.grade_submission(task, SHARED / "fixtures/submissions/hex_flags/gold",
-                                    judge.CheckGrader(timeout_s=1.0))
+                                    judge.CheckGrader(timeout_s=1.0), max_invalid=1.0)
     assert time.monotonic() - t0 < 20
     hung, unchecked = graded.sub_tasks[0], graded.sub_tasks[1]
     assert hung.score == 0.0 and hung.valid_score and hung.judge_metadata["timed_out"]

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 import judge
+import judge_queue
 
 GOOD = "# Expectations\nA loss function as in eq. 3.\n# Reality\nmain.py defines it.\n# Score\n1"
 FAST = judge.Backoff(attempts=3, base_s=0.01, factor=2.0)
@@ -106,7 +107,7 @@ def grader(server: CannedJudge, **config) -> judge.LLMGrader:
 def test_grading_prompts_carry_the_evidence_of_each_category(canned, tmp_path):
     server = canned(lambda body: (200, GOOD))
     task, sub = make_task(tmp_path)
-    graded = judge.grade_submission(task, sub, grader(server))
+    graded = judge.grade_submission(task, sub, grader(server), reproduce=False)
     assert graded.score == 1.0 and graded.invalid_leaves() == 0
     prompts = {criterion(r): "\n".join(m["content"] for m in r["messages"]) for r in server.requests}
     assert set(prompts) == {"REQ-cd", "REQ-ce", "REQ-ra"} and len(server.requests) == 3
@@ -149,7 +150,8 @@ def test_malformed_replies_make_the_leaf_invalid_after_a_retry(canned, tmp_path)
                "REQ-ra": ["# Reality\nnothing\n**Score:** 0"]}
     server = canned(lambda body: (200, replies[criterion(body)].pop(0)))
     task, sub = make_task(tmp_path)
-    graded = judge.grade_submission(task, sub, grader(server, parse_attempts=2))
+    graded = judge.grade_submission(task, sub, grader(server, parse_attempts=2), reproduce=False,
+                                    max_invalid=1.0)
     cd, ce = graded.sub_tasks[0].sub_tasks
     ra = graded.sub_tasks[1].sub_tasks[0]
     assert not cd.valid_score and cd.score == 0.0 and cd.judge_metadata["attempts"] == 2
@@ -171,7 +173,7 @@ def test_endpoint_errors_are_retried_with_backoff_and_counted(canned, tmp_path):
         return 200, GOOD
     server = canned(respond)
     task, sub = make_task(tmp_path)
-    graded = judge.grade_submission(task, sub, grader(server))
+    graded = judge.grade_submission(task, sub, grader(server), reproduce=False)
     retries = {g.node.id: g.judge_metadata["http_retries"] for _, g in graded.leaves()}
     assert retries == {"cd": 2, "ce": 0, "ra": 1} and graded.score == 1.0
 
@@ -180,7 +182,7 @@ def test_an_outage_raises_instead_of_scoring_zero(canned, tmp_path):
     server = canned(lambda body: (503, "down"))
     task, sub = make_task(tmp_path)
     with pytest.raises(judge.JudgeUnavailable, match="failed 3 times; last error: HTTP 503"):
-        judge.grade_submission(task, sub, grader(server))
+        judge.grade_submission(task, sub, grader(server), reproduce=False)
     # a dead port is an outage too
     chat = judge.OpenAIChat("http://127.0.0.1:9/v1", "m", backoff=FAST, timeout_s=2)
     with pytest.raises(judge.JudgeUnavailable, match="ConnectError"):
@@ -193,9 +195,11 @@ def test_an_outage_through_the_judge_queue_is_a_failed_job(canned, tmp_path):
     up = canned(lambda body: (200, GOOD))
     down = canned(lambda body: (503, "down"))
     task, sub = make_task(tmp_path)
-    with judge.JudgeQueue(workers=2, backoff=judge.Backoff(attempts=2, base_s=0.01)) as q:
-        ok = q.submit(lambda: judge.grade_submission(task, sub, grader(up)), judge.Priority.EVAL)
-        bad = q.submit(lambda: judge.grade_submission(task, sub, grader(down)), judge.Priority.TRAIN)
+    with judge_queue.JudgeQueue(workers=2, backoff=judge.Backoff(attempts=2, base_s=0.01)) as q:
+        ok = q.submit(lambda: judge.grade_submission(task, sub, grader(up), reproduce=False),
+                      judge_queue.Priority.EVAL)
+        bad = q.submit(lambda: judge.grade_submission(task, sub, grader(down), reproduce=False),
+                       judge_queue.Priority.TRAIN)
         assert ok.result(timeout=30).score == 1.0
         with pytest.raises(judge.JudgeFailure) as err:
             bad.result(timeout=30)
@@ -206,7 +210,7 @@ def test_an_outage_through_the_judge_queue_is_a_failed_job(canned, tmp_path):
 def test_a_refused_request_is_an_invalid_leaf(canned, tmp_path):
     server = canned(lambda body: (400, "context too long") if criterion(body) == "REQ-cd" else (200, GOOD))
     task, sub = make_task(tmp_path)
-    graded = judge.grade_submission(task, sub, grader(server))
+    graded = judge.grade_submission(task, sub, grader(server), reproduce=False, max_invalid=1.0)
     cd = graded.sub_tasks[0].sub_tasks[0]
     assert not cd.valid_score and "HTTP 400" in cd.explanation and graded.invalid_leaves() == 1
     assert len(server.requests) == 3   # a 4xx is not retried
@@ -216,7 +220,7 @@ def test_result_analysis_without_fresh_outputs_scores_zero_without_a_call(canned
     server = canned(lambda body: (200, GOOD))
     task, sub = make_task(tmp_path)
     (sub / "reproduce.log.creation_time").write_text(str(int(time.time()) + 1000))
-    graded = judge.grade_submission(task, sub, grader(server))
+    graded = judge.grade_submission(task, sub, grader(server), reproduce=False)
     ra = graded.sub_tasks[1].sub_tasks[0]
     assert ra.score == 0.0 and ra.valid_score and "no result files" in ra.explanation
     assert {criterion(r) for r in server.requests} == {"REQ-cd", "REQ-ce"}
@@ -295,7 +299,7 @@ def test_local_transformers_grader_uses_the_same_prompts(tmp_path):
     grader = judge.parse_grader(f"hf:{tmp_path / 'tiny'}")   # what `--grader hf:PATH` builds
     grader.chat.max_new_tokens = 24
     task, sub = make_task(tmp_path)
-    graded = judge.grade_submission(task, sub, grader)
+    graded = judge.grade_submission(task, sub, grader, reproduce=False, max_invalid=1.0)
     leaves = [g for _, g in graded.leaves()]
     assert len(leaves) == 3
     for g in leaves:

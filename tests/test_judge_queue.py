@@ -1,4 +1,4 @@
-"""judge.py's priority judge queue: evaluation before training, FIFO within a priority, a bounded
+"""judge_queue.py: the priority judge queue: evaluation before training, FIFO within a priority, a bounded
 pool, retries with backoff, per-job deadlines, results as they finish, and an outage that fails
 the job instead of scoring it (ARCHITECTURE.md 6 and 8)."""
 import random
@@ -8,7 +8,8 @@ import time
 import pytest
 
 import judge
-from judge import JudgeFailure, JudgeQueue, JudgeUnavailable, Priority
+from judge import JudgeFailure, JudgeUnavailable
+from judge_queue import JudgeQueue, Priority
 
 FAST = judge.Backoff(attempts=3, base_s=0.02, factor=2.0)
 
