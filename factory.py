@@ -58,6 +58,7 @@ from tqdm import tqdm
 import judge
 import agent
 import sandbox
+from cli import field_docs
 from synthetic import (expert_policy, load_spec, make_synthetic_tasks, turns_needed,
                        write_task_folder)
 
@@ -748,21 +749,11 @@ def run_stage(cfg) -> FactorySummary:
 # Command line
 # ---------------------------------------------------------------------------------------------
 
-def _field_docs(cls) -> dict[str, str]:
-    """The docstring under each field of a dataclass (for --help)."""
-    import ast
-    import inspect
-    body = ast.parse(inspect.getsource(cls)).body[0].body
-    return {a.target.id: " ".join(b.value.value.split()) for a, b in zip(body, body[1:])
-            if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr)
-            and isinstance(b.value, ast.Constant)}
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Research-Factory: paper tasks and distilled trajectories.")
     sub = p.add_subparsers(dest="cmd", required=True)
     run = sub.add_parser("run", help="make synthetic tasks (or take --tasks) and distil trajectories")
-    docs = _field_docs(FactoryConfig)
+    docs = field_docs(FactoryConfig)
     for f in FactoryConfig.__dataclass_fields__.values():
         kind = {"int": int, "float": float}.get(str(f.type).split(" |")[0], str)
         if f.name == "m_range":

@@ -14,8 +14,6 @@ random weights and a BPE tokenizer trained in memory (chat.py).
 from __future__ import annotations
 
 import argparse
-import ast
-import inspect
 import sys
 from dataclasses import dataclass, fields
 
@@ -23,6 +21,7 @@ import torch
 
 import dist
 import split
+from cli import field_docs
 from model import pick_device
 
 
@@ -194,18 +193,6 @@ PRESETS: dict[str, dict] = {
 }
 
 
-def _field_docs(cls) -> dict[str, str]:
-    """The docstring under each dataclass field (for --help)."""
-    tree = ast.parse(inspect.getsource(cls))
-    body = tree.body[0].body
-    docs = {}
-    for a, b in zip(body, body[1:]):
-        if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and \
-                isinstance(b.value, ast.Constant) and isinstance(b.value.value, str):
-            docs[a.target.id] = " ".join(b.value.value.split())
-    return docs
-
-
 def _parse_value(typ, text: str):
     typ = str(typ)
     if typ.startswith("tuple"):
@@ -219,7 +206,7 @@ def _parse_value(typ, text: str):
 
 
 def parse_args(argv=None) -> tuple[str, Config]:
-    docs = _field_docs(Config)
+    docs = field_docs(Config)
     ap = argparse.ArgumentParser(
         prog="klong.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="KLong: train agents on tasks longer than their context window "

@@ -28,9 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import re
 import statistics
 import subprocess
 import sys
@@ -44,6 +41,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import common  # noqa: E402
 from kernels.masked_attention import (dense_reference_attention, make_plan, masked_attention,  # noqa: E402
                                       register_hf, tile_config)
 
@@ -324,12 +322,6 @@ def child(variant: str, window: int, prefix_frac: float, k: int) -> None:
 
 # ----------------------------------------------------------------------------- main
 
-def device_name(device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return platform.processor() or platform.machine() or "cpu"
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--repeats", type=int, default=9, help="timed repeats per figure (CPU)")
@@ -345,22 +337,17 @@ def main(argv=None) -> int:
         child(args.child, args.window, args.prefix_frac, args.k)
         return 0
 
-    import transformers
-    import triton
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     gpu = device.type == "cuda"
     result = dict(
-        bench="attention", device=device_name(device), device_type=device.type,
-        cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads(),
-        versions=dict(python=platform.python_version(), torch=torch.__version__,
-                      triton=triton.__version__, transformers=transformers.__version__),
+        **common.header("attention", device.type, packages=("torch", "triton", "transformers")),
         kernel_is_performance_result=gpu,
         notes=[] if gpu else [
             "CPU: the kernel table is NOT a performance result (ours = the pure-PyTorch per-run "
             "reference path, not the Triton kernel; FlexAttention forward only).",
             "CPU: the sft_step table IS the BENCH.md CPU row (tiny Qwen2, reference attention path)."])
 
-    print(f"device: {result['device']} ({device.type}), torch {torch.__version__}, "
+    print(f"device: {result['device_name']} ({device.type}), torch {torch.__version__}, "
           f"{result['torch_threads']} threads")
     if gpu:
         cases = [(16384, 0.5, 8), (32768, 0.25, 4), (32768, 0.5, 8), (32768, 0.75, 16),
@@ -390,10 +377,8 @@ def main(argv=None) -> int:
         result["sft_step"].append(row)
         print(json.dumps(row))
 
-    slug = re.sub(r"[^a-z0-9]+", "-", (result["device"] if gpu else "cpu").lower()).strip("-")
-    out = args.out or ROOT / "bench" / "results" / f"attention-{slug}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    name = common.slug(result["device_name"]) if gpu else "cpu"
+    out = common.write(args.out or ROOT / "bench" / "results" / f"attention-{name}.json", result)
     print(f"wrote {out}")
     return 0
 

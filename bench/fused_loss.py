@@ -26,11 +26,8 @@ Writes bench/results/fused_loss-<device>.json (device name, versions, shapes, ms
 from __future__ import annotations
 
 import argparse
-import importlib.metadata as md
 import json
 import os
-import platform
-import re
 import resource
 import statistics
 import subprocess
@@ -41,6 +38,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import common  # noqa: E402
 import torch  # noqa: E402
 
 ON_GPU = torch.cuda.is_available()
@@ -52,26 +50,6 @@ from kernels.fused_loss import token_logprobs, weighted_logprob_sum  # noqa: E40
 GPU_SIZES = dict(n=[4096, 16384, 32768], h=4096, v=151936, dtype="bfloat16")
 CPU_SMALL = dict(n=[256], h=64, v=4096, dtype="float32")
 CPU_ROW = dict(n=8192, h=256, v=32768)
-
-
-def versions() -> dict:
-    out = {"python": platform.python_version()}
-    for pkg in ("torch", "triton", "liger-kernel", "transformers", "trl"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            out[pkg] = None
-    return out
-
-
-def device_name() -> tuple[str, str]:
-    """(human-readable name, file slug)."""
-    if ON_GPU:
-        name = torch.cuda.get_device_name()
-        return name, re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-                if line.startswith("model name")), platform.processor())
-    return f"CPU {cpu} ({os.cpu_count()} cores)", "cpu"
 
 
 # ------------------------------------------------------------------------------- GPU-style suite
@@ -313,9 +291,9 @@ def main() -> None:
         print(json.dumps(cpu_child(args.child, args.mode)))
         return
 
-    name, slug = device_name()
-    result = dict(device=name, cpu_count=os.cpu_count(), versions=versions(),
-                  date=time.strftime("%Y-%m-%d"))
+    result = common.header("fused_loss", "cuda" if ON_GPU else "cpu",
+                           packages=("torch", "triton", "liger-kernel", "transformers", "trl"))
+    name = result["device_name"]
     sizes = GPU_SIZES if ON_GPU else CPU_SMALL
     if not ON_GPU:
         result["note"] = ("no GPU: the fused-loss suite ran at a small size on CPU, Triton kernels "
@@ -331,9 +309,8 @@ def main() -> None:
         for mode, s in result["cpu_logprobs"]["summary"].items():
             print(f"  {mode}: time {s['time_ratio']}× full, peak {s['peak_vs_full_logits']:.3f} of "
                   f"the full logits -> target {'met' if s['target_met'] else 'NOT met'}")
-    out = ROOT / "bench" / "results" / f"fused_loss-{slug}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
+    out = common.write(ROOT / "bench" / "results"
+                       / f"fused_loss-{common.slug(name) if ON_GPU else 'cpu'}.json", result)
     print(f"wrote {out.relative_to(ROOT)}")
 
 

@@ -15,9 +15,6 @@ cannot exceed 1 (it waits at most for one running job to finish), FIFO waits for
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import random
 import statistics
 import sys
@@ -25,6 +22,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import common  # noqa: E402
 from judge import Backoff  # noqa: E402
 from judge_queue import JudgeQueue, Priority  # noqa: E402
 
@@ -70,15 +68,9 @@ def main() -> None:
               f"{row['median_eval_wait_s']:>22.3f}")
     ours = rows["priority queue (ours)"]["max_eval_wait_over_max_service"]
     print(f"target: evaluation jobs wait <= one service time: {'met' if ours <= 1.0 else 'NOT met'}")
-    out = Path(__file__).resolve().parent / "results" / "judge_queue-cpu.json"
-    out.parent.mkdir(exist_ok=True)
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")), platform.machine()) if Path("/proc/cpuinfo").exists() \
-        else platform.machine()
-    out.write_text(json.dumps({"device": cpu,
-                               "cpu_count": os.cpu_count(), "python": platform.python_version(),
-                               "params": vars(args), "results": rows,
-                               "target_met": ours <= 1.0}, indent=2))
+    out = common.write(Path(__file__).resolve().parent / "results" / "judge_queue-cpu.json",
+                       {**common.header("judge_queue", packages=()), "params": vars(args),
+                        "results": rows, "target_met": ours <= 1.0})
     print(f"wrote {out}")
 
 

@@ -36,7 +36,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import random
 import shutil
 import statistics
@@ -50,6 +49,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import common  # noqa: E402
 import factory  # noqa: E402
 import synthetic  # noqa: E402
 
@@ -275,13 +275,9 @@ def collect(mc: MiniConfig, times: dict[str, float] | None = None) -> dict:
         logs = [lg for lg in logs if lg]
         rl[arm] = {"rollout_turns": [round(sum(r["turns"] * r["rollouts"] for r in lg)) for lg in logs],
                    "reward_by_step": [[round(r["reward_mean"], 3) for r in lg] for lg in logs]}
-    import torch
-    import transformers
-    return {"bench": "miniature", "quick": mc.quick, "config": {k: str(v) if isinstance(v, Path)
+    return {**common.header("miniature"), "quick": mc.quick, "config": {k: str(v) if isinstance(v, Path)
                                                                else v for k, v in asdict(mc).items()},
-            "device": "cpu", "cpu": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "arms": arms, "sft": sft, "rl": rl,
+            "arms": arms, "sft": sft, "rl": rl,
             "expert": expert_reference(mc) if (mc.out / "eval_tasks").exists() else None,
             "job_seconds": times or {}}
 
@@ -318,7 +314,7 @@ def markdown(res: dict) -> str:
              f"{mc['rl_p_steps']}, S T = {mc['eval_timeout']} × {mc['rl_s_steps']} steps; "
              f"n = {mc['n_rollouts']} rollouts × {mc['tasks_per_step']} tasks per step; rollout "
              f"turns used: P {rl['P']['rollout_turns']}, S {rl['S']['rollout_turns']}. "
-             f"Machine: {res['cpu_count']} CPU cores ({res['cpu']}), torch {res['torch']}, "
+             f"Machine: {res['cpu_count']} CPU cores ({res['cpu']}), torch {res['versions']['torch']}, "
              f"1 thread per process.\n")
     return "## Miniature (measured)\n\n" + head + "\n".join(lines) + "\n" + notes + \
         "\n## Paper (PaperBench, KLong 106B)\n\n" + paper

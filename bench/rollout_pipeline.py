@@ -20,9 +20,6 @@ Writes bench/results/rollout_pipeline-cpu.json.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import random
 import statistics
 import sys
@@ -35,6 +32,7 @@ from types import SimpleNamespace
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import common  # noqa: E402
 import grpo  # noqa: E402
 import judge_queue  # noqa: E402
 import klong  # noqa: E402
@@ -119,8 +117,7 @@ def main() -> None:
              synchronous(cfg, a.steps, a.base, judge_s, train_s, s)) for s in range(a.repeats)]
     o, y = statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
     ev = eval_wait(cfg, judge_s)
-    res = {"device": "cpu", "cpu": platform.processor() or platform.machine(),
-           "cpus": os.cpu_count(), "python": platform.python_version(),
+    res = {**common.header("rollout_pipeline"),
            "params": {"steps": a.steps, "episode_s": [a.base, 10 * a.base], "judge_s": judge_s,
                       "train_s": train_s, "rollouts_per_step": cfg.n_rollouts * cfg.tasks_per_step,
                       "rollout_workers": cfg.rollout_workers, "judge_workers": cfg.judge_workers,
@@ -131,8 +128,7 @@ def main() -> None:
     print(f"judged rollouts/min: partial + priority queue {o:.0f} vs synchronous {y:.0f} "
           f"→ {o / y:.2f}× (target ≥ 1.5×); evaluation wait {res['eval_wait_over_service']:.2f} "
           "service times (target ≤ 1)")
-    out = ROOT / "bench" / "results" / "rollout_pipeline-cpu.json"
-    out.write_text(json.dumps(res, indent=2))
+    out = common.write(ROOT / "bench" / "results" / "rollout_pipeline-cpu.json", res)
     print(f"wrote {out}")
 
 

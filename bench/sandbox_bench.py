@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -28,6 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import common  # noqa: E402
 import torch  # noqa: E402
 
 import agent as A  # noqa: E402
@@ -119,13 +119,6 @@ def prompt_caching(turns: int, obs_words: int, max_new_tokens: int) -> dict:
     return out
 
 
-def device_name() -> str:
-    for line in open("/proc/cpuinfo"):
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "cpu"
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--turns", type=int, default=200)
@@ -135,16 +128,13 @@ def main() -> int:
     p.add_argument("--only", choices=["round_trip", "prompt_caching"],
                    help="measure one row; the other keeps its figures from the last JSON")
     a = p.parse_args()
-    import transformers
     out = ROOT / "bench" / "results" / f"sandbox-{'cpu' if not torch.cuda.is_available() else 'cuda'}.json"
     old = json.loads(out.read_text()) if a.only and out.exists() else {}
-    res = {"cpu": device_name(), "cpu_count": os.cpu_count(), "python": platform.python_version(),
-           "torch": torch.__version__, "transformers": transformers.__version__,
-           "torch_threads": torch.get_num_threads(),
+    res = {**common.header("sandbox_bench"),
            "round_trip": round_trip(a.repeats) if a.only != "prompt_caching" else old["round_trip"],
            "prompt_caching": prompt_caching(a.turns, a.obs_words, a.max_new_tokens)
            if a.only != "round_trip" else old["prompt_caching"]}
-    print(f"cpu: {res['cpu']} ({res['cpu_count']} CPUs), torch {res['torch']}")
+    print(f"cpu: {res['cpu']} ({res['cpu_count']} CPUs), torch {res['versions']['torch']}")
     print(f"\nsandbox command round trip (`true`), p50 ms, load {res['round_trip']['load_average_1min']:.1f}"
           f"    target: ≤ 20 ms and ≤ 3× subprocess")
     print(f"{'backend':10s} {'sandbox':>9s} {'bash -lc':>9s} {'true':>7s} {'ratio':>7s}")
@@ -166,8 +156,7 @@ def main() -> int:
               f"{1000 * r['turn_last_median_of_5_s']:7.1f} ms   tokens through the model "
               f"{r['tokens_through_model']:>9d}   sampled {r['tokens_sampled']}")
     print(f"speed-up: episode {pc['speedup_episode']:.2f}×, turn {pc['turns']} {pc['speedup_turn_last']:.2f}×")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=2) + "\n")
+    common.write(out, res)
     print(f"\nwrote {out.relative_to(ROOT)}")
     return 0
 

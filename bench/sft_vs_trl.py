@@ -41,9 +41,7 @@ Writes bench/results/sft_vs_trl-<device>.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -60,6 +58,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+import common  # noqa: E402
 import chat  # noqa: E402
 import klong  # noqa: E402
 from model import load_model, tiny_tokenizer  # noqa: E402
@@ -278,13 +277,6 @@ def run_setting(name: str, p_frac: float, cfg: klong.Config, tok, a) -> dict:
             "meets_target": ratio >= target}
 
 
-def cpu_name() -> str:
-    info = Path("/proc/cpuinfo")
-    names = [line.split(":", 1)[1].strip() for line in
-             (info.read_text().splitlines() if info.exists() else []) if line.startswith("model name")]
-    return names[0] if names else platform.processor() or platform.machine()
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=8, help="timed optimizer steps per side")
@@ -294,16 +286,10 @@ def main() -> None:
     ap.add_argument("--turns", type=int, default=60, help="tool turns per trajectory")
     ap.add_argument("--settings", default=",".join(SETTINGS), help="typical,half")
     a = ap.parse_args()
-    import accelerate
-    import transformers
-    import trl
     cfg = replace(klong.Config(), context_len=a.context_len, pack_len=4 * a.context_len,
                   device="cpu", attention="mask")
     tok = tiny_tokenizer(cfg)
-    res = {"device": "cpu", "cpu": cpu_name(),
-           "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
-           "torch": torch.__version__, "transformers": transformers.__version__,
-           "trl": trl.__version__, "accelerate": accelerate.__version__,
+    res = {**common.header("sft_vs_trl", packages=("torch", "transformers", "trl", "accelerate")),
            "model": {"hidden_size": cfg.hidden_size, "layers": cfg.layers, "heads": cfg.heads,
                      "kv_heads": cfg.kv_heads, "intermediate_size": cfg.intermediate_size,
                      "vocab": len(tok), "dtype": cfg.dtype},
@@ -328,8 +314,7 @@ def main() -> None:
               f"{r['trl']['supervised_tokens_per_s_median']:>10.0f} {r['ratio']:>5.2f}× "
               f"{r['ratio_cpu']:>9.2f}× "
               f"{'≥ %.1f×' % r['target']:>7} {'ok' if r['meets_target'] else 'MISSED'}")
-    out = ROOT / "bench" / "results" / "sft_vs_trl-cpu.json"
-    out.write_text(json.dumps(res, indent=2))
+    out = common.write(ROOT / "bench" / "results" / "sft_vs_trl-cpu.json", res)
     print(f"wrote {out}")
 
 

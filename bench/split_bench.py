@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import random
 import statistics
 import sys
@@ -27,6 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+import common  # noqa: E402
 import chat  # noqa: E402
 import klong  # noqa: E402
 from model import load_model, packed_logprobs, tiny_tokenizer  # noqa: E402
@@ -166,8 +165,7 @@ def main() -> None:
     torch.manual_seed(0)
     cfg = klong.Config()
     tok = tiny_tokenizer(cfg)
-    res = {"device": "cpu", "cpu": platform.processor() or platform.machine(),
-           "cpus": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads()}
+    res = common.header("split_bench")
     big = split.SplitConfig(context_len=4096, overlap=256, history=0.3)   # a 300-word paper in p
     res["split_config"] = {"context_len": big.context_len, "overlap": big.overlap,
                            "history": big.history}
@@ -184,8 +182,7 @@ def main() -> None:
           f"vs unpacked {r['unpacked_step_s']:.3f} s → {r['speedup']:.2f}× "
           f"(target ≥ {r['target_speedup']:.2f}×); supervised tokens/s "
           f"{r['supervised_tokens_per_s_packed']:.0f} vs {r['supervised_tokens_per_s_unpacked']:.0f}")
-    out = ROOT / "bench" / "results" / "split_bench-cpu.json"
-    out.write_text(json.dumps(res, indent=2))
+    out = common.write(ROOT / "bench" / "results" / "split_bench-cpu.json", res)
     print(f"wrote {out}")
 
 

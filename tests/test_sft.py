@@ -14,6 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import chat
+import cli
 import klong
 from model import packed_logprobs
 import sft
@@ -158,7 +159,7 @@ def test_shared_prefix_packing_stores_p_once_per_row(tok):
 def test_help_explains_every_config_field():
     out = subprocess.run([sys.executable, "klong.py", "--help"], cwd=ROOT, capture_output=True,
                          text=True, timeout=120).stdout
-    docs = klong._field_docs(klong.Config)
+    docs = cli.field_docs(klong.Config)
     for f in [x.name for x in dataclasses.fields(klong.Config)]:
         assert "--" + f.replace("_", "-") in out
         assert docs.get(f), f"field {f} has no docstring"
