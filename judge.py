@@ -29,8 +29,11 @@ Departures from PaperBench's SimpleJudge, and gaps it leaves (each repeated wher
 - Outage vs bad answer: an endpoint still failing after its retries raises JudgeUnavailable, so the
   whole grading fails (ARCHITECTURE.md 6: a failed rollout leaves the group, it is not scored 0).
   Only a leaf's own unusable answer (or a request the endpoint refuses) makes that leaf invalid.
-- Duplicate ids are legal (two shipped rubrics repeat ids): nodes are addressed by tree position,
-  a tuple of child indices from the root.
+- Duplicate ids on different branches are rejected, naming both tree paths; an id repeated down
+  one path (PaperBench's hex_flag_context fixture restates its root) is accepted. Nodes are
+  addressed by tree position, a tuple of child indices from the root.
+- Graded trees are read as leniently as PaperBench's models: `valid_score` may be the number 0 or
+  1 (JudgeEval's `pinn` tree has 1.0); fields we do not know are kept.
 - Agreement: invalid leaves are left out of the F1 and counted (PaperBench drops any subtree that
   holds an invalid leaf).
 """
@@ -175,11 +178,29 @@ def _check_tree(d: object, where: str, graded: bool, file) -> None:
                               f"null or one of {list(FINEGRAINED)}", fine, nid, file)
         if check is not None and not (isinstance(check, str) and check.strip()):
             raise RubricError(where, "check", "a non-empty shell command", check, nid, file)
-    if graded:
+    if graded:   # lenient as PaperBench's models: valid_score may be a number 0 or 1
         need("score", lambda v: _is_number(v) and 0 <= v <= 1, "a number in [0, 1]")
-        need("valid_score", lambda v: isinstance(v, bool), "true or false")
+        need("valid_score", lambda v: isinstance(v, bool) or (_is_number(v) and v in (0, 1)),
+             "true or false (or the number 0 or 1)")
     for i, child in enumerate(subs):
         _check_tree(child, f"{where}.sub_tasks[{i}]", graded, file)
+
+
+def _check_ids(d: dict, file) -> None:
+    """Raise RubricError naming both tree paths when two nodes on different branches share an id.
+    An id repeated down one path (a node restating an ancestor, as PaperBench's own
+    hex_flag_context fixture does) is accepted: no grade or context lookup can confuse them."""
+    seen: dict[str, list[str]] = {}   # id -> paths of the nodes holding it
+    stack = [(d, "$")]
+    while stack:
+        node, where = stack.pop()
+        for other in seen.get(node["id"], []):
+            if not (where.startswith(other + ".") or other.startswith(where + ".")):
+                first, second = sorted((other, where))
+                raise RubricError(second, "id", f"an id of its own (node {first} has it too)",
+                                  node["id"], file=file)
+        seen.setdefault(node["id"], []).append(where)
+        stack += [(c, f"{where}.sub_tasks[{i}]") for i, c in enumerate(node["sub_tasks"])]
 
 
 def _node_from_dict(d: dict) -> RubricNode:
@@ -196,7 +217,9 @@ def _node_from_dict(d: dict) -> RubricNode:
 
 def validate_rubric(rubric: RubricNode | dict, file: str | os.PathLike | None = None) -> None:
     """Raise RubricError (file, tree path, field, expectation) unless `rubric` is a valid tree."""
-    _check_tree(rubric.to_dict() if isinstance(rubric, RubricNode) else rubric, "$", False, file)
+    d = rubric.to_dict() if isinstance(rubric, RubricNode) else rubric
+    _check_tree(d, "$", False, file)
+    _check_ids(d, file)
 
 
 def rubric_from_dict(d: dict, file: str | os.PathLike | None = None) -> RubricNode:
@@ -292,6 +315,7 @@ class GradedNode:
     @classmethod
     def from_dict(cls, d: dict, file: str | os.PathLike | None = None) -> GradedNode:
         _check_tree(d, "$", True, file)
+        _check_ids(d, file)
         return cls._build(d)
 
     @classmethod
@@ -299,7 +323,7 @@ class GradedNode:
         node = _node_from_dict({**d, "sub_tasks": []})
         kids = [cls._build(c) for c in d["sub_tasks"]]
         node.sub_tasks = [k.node for k in kids]
-        return cls(node, d["score"], d["valid_score"], d.get("explanation", ""),
+        return cls(node, d["score"], bool(d["valid_score"]), d.get("explanation", ""),
                    d.get("judge_metadata"), kids)
 
 
@@ -805,11 +829,17 @@ class LLMGrader:
                 if rel not in contents:
                     text = format_file(rel, read_text(evidence.dir / rel))
                     contents[rel] = (text, self.chat.count_tokens(text))
-        out: dict[NodePath, Verdict] = {}
+        if not leaves:
+            return {}
+        # the first leaf alone: a wrong key, model or URL (JudgeAccessError) or an outage
+        # (JudgeUnavailable) stops here, at the first call, before any parallel request
+        first = next((p for p, leaf in leaves if leaf.task_category != RESULT_ANALYSIS
+                      or evidence.touched), leaves[0][0])   # a leaf that calls the judge
+        out = {first: self._grade_leaf(evidence, rubric, first, paper, log, contents)}
         pool = ThreadPoolExecutor(self.config.concurrency)
         try:
             futures = {pool.submit(self._grade_leaf, evidence, rubric, p, paper, log, contents): p
-                       for p, _ in leaves}
+                       for p, _ in leaves if p != first}
             for f in tqdm(as_completed(futures), total=len(futures), desc="judging leaves",
                           disable=None):
                 out[futures[f]] = f.result()   # JudgeUnavailable propagates: an outage, not a grade
