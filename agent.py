@@ -301,18 +301,13 @@ class LocalPolicy:
     def __init__(self, model, tokenizer, temperature: float = 1.0, max_new_tokens: int = 256,
                  version: int = 0, prompt_cache: bool = True, seed: int | None = None):
         import torch
-
-        import chat
-        from split import cached_encoder
         self.model, self.tokenizer = model.eval(), tokenizer
         self.temperature, self.max_new_tokens = temperature, max_new_tokens
         self.version, self.prompt_cache = version, prompt_cache
-        self.count_tokens = chat.count_tokens(tokenizer)
-        self._encode = cached_encoder(tokenizer)
-        self._prefix = chat.generation_prefix(tokenizer)
-        self._stop = chat.stop_token_id(tokenizer)
+        self._replies = OwnReplies(tokenizer)
+        self.count_tokens = self._replies.count_tokens
+        self._stop = self._replies.stop
         self._cache, self._cached = None, []          # the KV cache and the ids it holds
-        self._own: dict[str, list[int]] = {}          # reply key -> header + the ids sampled
         self._gen = torch.Generator().manual_seed(seed if seed is not None else
                                                    int.from_bytes(os.urandom(4), "little"))
         self.encoded_tokens = 0                       # tokens run through the model (prefill + decode)
@@ -328,13 +323,7 @@ class LocalPolicy:
         import torch
         from transformers import DynamicCache
 
-        import chat
-        # this policy's own earlier replies are encoded as the ids it sampled, not re-tokenised:
-        # the next context then extends this one token for token (the KV cache stays valid, and
-        # RL trains on one sequence per run of turns, not one per turn: ARCHITECTURE.md 4)
-        context = [i for m in messages for i in
-                   (self._own.get(_reply_key(m)) if m["role"] == "assistant" else None)
-                   or self._encode(m)[0]] + self._prefix
+        context = self._replies.context(messages)
         keep = _common_prefix(self._cached, context) \
             if self.prompt_cache and self._cache is not None else 0
         keep = min(keep, len(context) - 1)           # the last context token is always fed
@@ -355,13 +344,46 @@ class LocalPolicy:
                     break
                 logits = self._forward([tok])
         self._cached = context + action[:-1]          # the last sampled token is never fed
+        return PolicyReply(self._replies.reply(action),
+                           Sample(-1, context, action, logprobs, self.version))
+
+
+class OwnReplies:
+    """A local policy's contexts as ids, its own earlier replies kept as the ids it sampled.
+
+    The context is encoded message by message (chat.encode_message) plus chat.generation_prefix;
+    this policy's own replies are not re-tokenised but replaced by the ids it sampled, so the next
+    context extends this one token for token (the KV cache stays valid, and RL trains on one
+    sequence per run of turns, not one per turn: ARCHITECTURE.md 4). Shared by LocalPolicy and
+    sampler.py's per-episode policies."""
+
+    def __init__(self, tokenizer):
+        import chat
+        from split import cached_encoder
+        self.tokenizer = tokenizer
+        self.count_tokens = chat.count_tokens(tokenizer)
+        self.prefix = chat.generation_prefix(tokenizer)
+        self.stop = chat.stop_token_id(tokenizer)
+        self._encode = cached_encoder(tokenizer)
+        self._own: dict[str, list[int]] = {}          # reply key -> header + the ids sampled
+
+    def context(self, messages: list[dict]) -> list[int]:
+        """The ids to sample the next reply from (ends with the assistant header)."""
+        return [i for m in messages for i in
+                (self._own.get(_reply_key(m)) if m["role"] == "assistant" else None)
+                or self._encode(m)[0]] + self.prefix
+
+    def reply(self, action: list[int]) -> dict:
+        """The assistant message of sampled ids (unparsable: content only, no tool call), kept
+        so that later contexts hold it as sampled."""
+        import chat
         try:
             message = chat.decode_assistant(self.tokenizer, action)
         except chat.ToolCallParseError:
             message = {"role": "assistant",
                        "content": self.tokenizer.decode(action, skip_special_tokens=True)}
-        self._own.setdefault(_reply_key(message), self._prefix + action)
-        return PolicyReply(message, Sample(-1, context, action, logprobs, self.version))
+        self._own.setdefault(_reply_key(message), self.prefix + action)
+        return message
 
 
 def _reply_key(m: dict) -> str:
@@ -562,7 +584,7 @@ def _normalise(message: dict, turn: int) -> dict:
 
 def run_episode(policy: Policy, task: "Task | str | Path", budget: Budget, backend: str = "auto",
                 submission_out: Path | None = None, system_prompt: str = SYSTEM_PROMPT,
-                limits: dict | None = None) -> Episode:
+                limits: dict | None = None, allow_unisolated: bool | None = None) -> Episode:
     """One agent episode on `task` in a fresh sandbox (PaperBench's basic agent + KLong's guards).
 
     Messages: system, user (the instructions), then turns: an assistant message (aᵢ) and its
@@ -580,7 +602,7 @@ def run_episode(policy: Policy, task: "Task | str | Path", budget: Budget, backe
     clock = (lambda: time.monotonic() - t0 - api_wait)
     stop, error, submission, samples = None, None, None, []
     try:
-        box = open_sandbox(backend, task=task, **(limits or {}))
+        box = open_sandbox(backend, task=task, allow_unisolated=allow_unisolated, **(limits or {}))
     except SandboxError as e:                 # fails the rollout, not the run (resolution 6)
         meta = {"tier": None, "stop_reason": "sandbox_error", "turns": 0, "wall_s": clock(),
                 "error": str(e), "blacklist_hits": []}
