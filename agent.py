@@ -10,11 +10,11 @@ episode loop, on top of sandbox.py's unified sandbox.
 3. **The episode loop** `run_episode`, with KLong's scaffold guards: mandatory paper reading (the
    pinned prefix p ends when the paper has been read through), `end_task` refused before a share
    of the budget, the no-tool-call nudge, the 5-step time reminder, and context management with
-   split.py's context builder (ARCHITECTURE.md resolution 4: the same rule as in training).
+   split.py's context builder (docs/ARCHITECTURE.md resolution 4: the same rule as in training).
 
 Departures and gap-fillers (the paper is silent on the scaffold):
 - Failed episodes (sandbox died, policy endpoint down, context cannot be built) end with a
-  `stop_reason` in `FAILED` and are not scored (ARCHITECTURE.md resolution 6).
+  `stop_reason` in `FAILED` and are not scored (docs/ARCHITECTURE.md resolution 6).
 """
 from __future__ import annotations
 
@@ -354,7 +354,7 @@ class OwnReplies:
     The context is encoded message by message (chat.encode_message) plus chat.generation_prefix;
     this policy's own replies are not re-tokenised but replaced by the ids it sampled, so the next
     context extends this one token for token (the KV cache stays valid, and RL trains on one
-    sequence per run of turns, not one per turn: ARCHITECTURE.md 4). Shared by LocalPolicy and
+    sequence per run of turns, not one per turn: docs/ARCHITECTURE.md 4). Shared by LocalPolicy and
     sampler.py's per-episode policies."""
 
     def __init__(self, tokenizer):
@@ -519,7 +519,7 @@ class Episode:
 
     @property
     def failed(self) -> bool:
-        """ARCHITECTURE.md resolution 6: failed rollouts leave the group, they are not scored 0."""
+        """docs/ARCHITECTURE.md resolution 6: failed rollouts leave the group, they are not scored 0."""
         return self.stop_reason in FAILED
 
 

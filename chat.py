@@ -1,7 +1,7 @@
 """The chat format the model sees: an offline tokenizer, a compact chat template with tool calls,
 message-by-message encoding, and tool-call parsing.
 
-Not a paper section: plumbing every stage shares. Design choices (ARCHITECTURE.md, "From the probe
+Not a paper section: plumbing every stage shares. Design choices (docs/MINIATURE.md, "From the probe
 to the project"):
 
 - The tiny tokenizer is a byte-level BPE trained offline, in memory, from `data/tokenizer_corpus.txt`

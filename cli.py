@@ -1,6 +1,6 @@
 """Command-line help from the typed configs: the docstring under each dataclass field becomes its
 --help text (klong.Config and factory.FactoryConfig), so the documentation of a knob lives in one
-place, beside the knob (STYLE.md, practice 3)."""
+place, beside the knob (docs/STYLE.md, practice 3)."""
 from __future__ import annotations
 
 import ast

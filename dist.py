@@ -1,6 +1,6 @@
 """Distributed plumbing: one process on a CPU, `torchrun` + FSDP2 on one or several GPU boxes.
 
-ARCHITECTURE.md "Backends": the model trains in one process on CPU, or under `torchrun
+docs/ARCHITECTURE.md "Backends": the model trains in one process on CPU, or under `torchrun
 --nproc_per_node 8` with FSDP2 on a GPU box; several nodes are plain multi-node torchrun. This is
 engineering, not paper: what we know of KLong does not say how it distributes training.
 Every helper is the identity (or the plain single-process path) when the process was not
@@ -8,7 +8,7 @@ started by torchrun, so klong.py and grpo.py call them unconditionally and have 
 `if distributed` branches.
 
 Departures: checkpoints are sharded (`checkpoint-N/dcp/`), not the save_pretrained folders
-ARCHITECTURE.md describes; only each stage's `final/` is a save_pretrained folder. RL rollouts run
+docs/ARCHITECTURE.md describes; only each stage's `final/` is a save_pretrained folder. RL rollouts run
 on rank 0 only (grpo.run_rl): the simple correct layout, documented in README "Scaling up".
 
 What a rank does (W ranks, rank r):

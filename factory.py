@@ -27,7 +27,7 @@ Departures and gap-fillers (the paper gives no details of the factory):
 - Rubric nodes the evaluation agent leaves without an id get a fresh uuid.
 - The rejection threshold is unknown in the paper: `threshold` (default 0.9).
 - A failed attempt (sandbox died, teacher or judge down) is recorded with score None; it is not
-  scored 0 and not kept (ARCHITECTURE.md resolution 6).
+  scored 0 and not kept (docs/ARCHITECTURE.md resolution 6).
 
 The synthetic tasks of the miniature, their scripted expert and its exact simulation are in
 synthetic.py; the factory distils them like any other task.
@@ -588,7 +588,7 @@ def attempt_budget(task: sandbox.Task, cfg: FactoryConfig) -> agent.Budget:
 def run_attempt(task: sandbox.Task, teacher: str, cfg: FactoryConfig, attempt: int,
                 grader, backend: str) -> dict:
     """One teacher attempt, judged: its trajectory record with the score Q, or, when the sandbox
-    or the judge failed, a record with score None (ARCHITECTURE.md 6: failed, not scored 0)."""
+    or the judge failed, a record with score None (docs/ARCHITECTURE.md 6: failed, not scored 0)."""
     record = {"id": f"{task.id}/{attempt}", "task_id": task.id, "score": None,
               "meta": {"teacher": teacher, "attempt": attempt}}
     with tempfile.TemporaryDirectory(prefix="klong_factory_") as tmp:

@@ -9,7 +9,7 @@ reward Q_j = 𝒥(Ĉ_j, 𝒦) (judge.py), and each of its K_j sub-trajectories i
     L_RL    = − 1/(n·K) Σ_j Σ_i Σ_t min(r_t Â, clip(r_t, 1−ε, 1+ε) Â)  +  β·KL(π_θ ‖ π_ref)
     r_t     = π_θ(a_t | τ⁽ⁱ⁾_<t) / π_old(a_t | τ⁽ⁱ⁾_<t)
 
-Resolutions where the paper is silent (ARCHITECTURE.md 4-8), each repeated where it is coded:
+Resolutions where the paper is silent (docs/ARCHITECTURE.md 4-8), each repeated where it is coded:
  4. The sub-trajectories are the contexts the policy actually sampled from, token for token: the
     episode loop builds contexts with split.build_context, and every run of turns whose context
     only grew is one training sequence (no re-tokenisation).

@@ -2,9 +2,9 @@
 judge agreement (the priority queue that runs judge jobs is judge_queue.py).
 
 Paper: KLong trains and evaluates on PaperBench (Starace et al., arXiv 2504.01848; see
-../shared/design/PAPERBENCH.md). A replication is scored by a rubric tree: each leaf is graded 0 or 1
+docs/PAPERBENCH.md). A replication is scored by a rubric tree: each leaf is graded 0 or 1
 by a judge, an internal node is the weighted mean of its children, and the paper's score is the
-root's. In progressive RL that root score is the reward Q_j of rollout j (ARCHITECTURE.md 5); KLong
+root's. In progressive RL that root score is the reward Q_j of rollout j (docs/ARCHITECTURE.md 5); KLong
 judged with gpt-oss-120b after checking that it ranks submissions like o3-mini (section 7 here).
 
     score(leaf) ∈ {0, 1}   (an invalid leaf counts 0 and is counted)
@@ -27,7 +27,7 @@ Departures from PaperBench's SimpleJudge, and gaps it leaves (each repeated wher
 - The file listing shown for ranking is one path per line, cut to the budget (PaperBench draws a tree
   and retries at depth 4). Symlinks in the submission are never read (they could point at the host).
 - Outage vs bad answer: an endpoint still failing after its retries raises JudgeUnavailable, so the
-  whole grading fails (ARCHITECTURE.md 6: a failed rollout leaves the group, it is not scored 0).
+  whole grading fails (docs/ARCHITECTURE.md 6: a failed rollout leaves the group, it is not scored 0).
   Only a leaf's own unusable answer (or a request the endpoint refuses) makes that leaf invalid.
 - Duplicate ids on different branches are rejected, naming both tree paths; an id repeated down
   one path (PaperBench's hex_flag_context fixture restates its root) is accepted. Nodes are
@@ -980,7 +980,7 @@ def grade_submission(task_dir: str | os.PathLike, submission_dir: str | os.PathL
     leaves and never reproduces. Each leaf goes to the first grader that accepts it (a CheckGrader
     takes the leaves that carry a check); a leaf no grader accepts is invalid.
 
-    Never a silent 0 (ARCHITECTURE.md 6): raises InvalidJudgment when invalid leaves hold more
+    Never a silent 0 (docs/ARCHITECTURE.md 6): raises InvalidJudgment when invalid leaves hold more
     than `max_invalid` of the weight, JudgeUnavailable when a judge endpoint stays down, and
     JudgeAccessError when it refuses our key or model; the caller drops or retries the rollout."""
     task_dir = Path(task_dir)

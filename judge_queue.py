@@ -1,4 +1,4 @@
-"""The priority judge queue (KLong §3.4 "pipeline imbalance"; ARCHITECTURE.md resolution 8): judge
+"""The priority judge queue (KLong §3.4 "pipeline imbalance"; docs/ARCHITECTURE.md resolution 8): judge
 jobs of RL rollouts and of evaluation run on a bounded pool of worker threads, evaluation first.
 
     next job = argmin over queued jobs of (priority, submission order)   EVAL = 0 < TRAIN = 1
@@ -28,7 +28,7 @@ from judge import Backoff, JudgeAccessError, JudgeFailure, JudgeUnavailable
 
 
 class Priority(IntEnum):
-    """Lower runs first: evaluation jobs jump ahead of training jobs (ARCHITECTURE.md 8)."""
+    """Lower runs first: evaluation jobs jump ahead of training jobs (docs/ARCHITECTURE.md 8)."""
     EVAL = 0
     TRAIN = 1
 

@@ -29,7 +29,7 @@ from model import pick_device
 
 @dataclass
 class Config:
-    """Every knob of every stage. Presets only change numbers (ARCHITECTURE.md "Scale-down knobs")."""
+    """Every knob of every stage. Presets only change numbers (docs/ARCHITECTURE.md "Scale-down knobs")."""
     preset: str = "tiny"
     """Starting values: `tiny` (2-core CPU, minutes) or `8gpu` (one 8-GPU box, documented run)."""
     run_dir: str = "runs/tiny"

@@ -6,7 +6,7 @@ holding the paper, and their trajectories become SFT data and RL rollouts. This 
 
 1. **Backends behind one interface** (`open_sandbox` → `Sandbox`): `exec(cmd, timeout)` returning an
    `ExecResult`, file read/write, upload/download, `alive`, idempotent `close`.
-   - Docker through docker-py when an engine answers (SANDBOX.md settings: no network, memory /
+   - Docker through docker-py when an engine answers (docs/SANDBOX.md settings: no network, memory /
      CPU / pids limits, all capabilities dropped, no-new-privileges, labels and a start-up sweep,
      `timeout -k` inside plus a host-side backstop, bounded concurrent API calls, image pulled once).
    - The embedded local backend otherwise, at the strongest tier the machine allows, recorded in
@@ -1000,7 +1000,7 @@ class LocalSandbox(Sandbox):
 
 # ============================================================================ 5. the Docker backend
 
-_DOCKER_API = threading.BoundedSemaphore(8)   # bounded concurrent API calls (SANDBOX.md)
+_DOCKER_API = threading.BoundedSemaphore(8)   # bounded concurrent API calls (docs/SANDBOX.md)
 _PULL = threading.Lock()                      # each image pulled once
 _DOCKER_SWEPT = False
 _LABEL = "klong.sandbox"
@@ -1027,7 +1027,7 @@ def marked_kill_script(marker: str) -> str:
 
 
 class DockerSandbox(Sandbox):
-    """A container per sandbox (docker-py), with SANDBOX.md's settings. Commands run as
+    """A container per sandbox (docker-py), with docs/SANDBOX.md's settings. Commands run as
     `timeout -k GRACE T bash -lc cmd` inside (Docker cannot kill an exec), streamed by a worker
     thread into the bounded capture; a host-side backstop gives up on a call that outlives it."""
     tier = "docker"
@@ -1287,7 +1287,7 @@ HIDDEN = ("rubric.json", "config.yaml", "instructions.txt")   # never copied to 
 
 @dataclass
 class Task:
-    """A PaperBench-format task folder (ARCHITECTURE.md "Task"), as the agent will see it."""
+    """A PaperBench-format task folder (docs/ARCHITECTURE.md "Task"), as the agent will see it."""
     id: str
     dir: Path
     title: str

@@ -7,7 +7,7 @@ overlapping sub-trajectories that all start with the pinned prefix p (task + pap
     τ⁽ⁱ⁾ = [ p, s_{t_i}, a_{t_i}, …, s_{t_i+L−1}, a_{t_i+L−1} ]
     L_SFT = − Σ_i Σ_{t ∈ window i} log P_θ(a_t | τ⁽ⁱ⁾_{<t})
 
-Resolutions where the paper is silent (ARCHITECTURE.md; each is repeated where it is coded):
+Resolutions where the paper is silent (docs/ARCHITECTURE.md; each is repeated where it is coded):
  1. A turn is one assistant message (action aᵢ) plus the tool/user messages after it (observation
     sᵢ₊₁). Splitting never cuts inside a turn; a single observation longer than the budget is cut
     head+tail with a visible marker.
@@ -23,7 +23,7 @@ Resolutions where the paper is silent (ARCHITECTURE.md; each is repeated where i
 
 Also here: `mode="none"` (the paper's baseline: one sequence per trajectory, head-truncated to
 L_max) and `mode="window"` (sliding windows without the pinned prefix, the miniature's middle
-arm), and packing `[p | C₁W₁ | C₂W₂ | …]` with doc/segment ids (ARCHITECTURE.md, "Packing with a
+arm), and packing `[p | C₁W₁ | C₂W₂ | …]` with doc/segment ids (docs/ARCHITECTURE.md, "Packing with a
 shared prefix"; beyond the paper).
 
 Token counts come from a `count(message) -> int` function (chat.count_tokens for a real
@@ -107,7 +107,7 @@ def _check_messages(messages, where: str) -> None:
 
 
 def trajectory_from_dict(d: dict, where: str = "<record>") -> Trajectory:
-    """Validate one JSON record (ARCHITECTURE.md "Data on disk") into a Trajectory."""
+    """Validate one JSON record (docs/ARCHITECTURE.md "Data on disk") into a Trajectory."""
     if not isinstance(d, dict):
         raise RecordError(f"{where}: expected a JSON object")
     for name, typ in (("id", str), ("task_id", str), ("prefix_len", int)):
@@ -165,7 +165,7 @@ def append_jsonl(path, traj: Trajectory) -> None:
 
 @dataclass
 class SplitConfig:
-    """Knobs of the splitter (ARCHITECTURE.md resolutions 1–3) and of the inference context."""
+    """Knobs of the splitter (docs/ARCHITECTURE.md resolutions 1–3) and of the inference context."""
     context_len: int = 512
     """L_max: no sub-trajectory (and no live context) is longer, in tokens."""
     overlap: int = 64
@@ -498,7 +498,7 @@ class Packed:
 
     def attention_mask(self, dtype=torch.float32) -> torch.Tensor:
         """Additive float mask [B, 1, T, T] (0 / dtype min): the form every HF attention path
-        honours (a boolean 4D mask is silently wrong on eager, MACHINE.md)."""
+        honours (a boolean 4D mask is silently wrong on eager, docs/MACHINE.md)."""
         m = torch.zeros(self.allowed().shape, dtype=dtype, device=self.doc.device)
         return m.masked_fill(~self.allowed(), torch.finfo(dtype).min)[:, None]
 
@@ -594,7 +594,7 @@ def main(argv=None) -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
     st = sub.add_parser("stats", help="per-trajectory sub-trajectory counts, token totals, "
                                       "supervised fraction and duplication overhead")
-    st.add_argument("file", help="trajectories JSONL (ARCHITECTURE.md format)")
+    st.add_argument("file", help="trajectories JSONL (docs/ARCHITECTURE.md format)")
     st.add_argument("--context", type=int, default=SplitConfig.context_len, help="L_max in tokens")
     st.add_argument("--overlap", type=int, default=SplitConfig.overlap, help="overlap tokens")
     st.add_argument("--history", type=float, default=SplitConfig.history,

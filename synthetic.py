@@ -1,7 +1,7 @@
 """The synthetic extremely-long-horizon tasks of the miniature, their scripted expert, and an exact
 simulation of the expert's episodes (docs/MINIATURE.md).
 
-**Synthetic tasks** (ARCHITECTURE.md, "The miniature"): the paper states a spec: tag_W, tag_R and M.
+**Synthetic tasks** (docs/MINIATURE.md): the paper states a spec: tag_W, tag_R and M.
 Phase 1 writes items 1..M with tag_W (`step w i tag_W`), phase 2 runs items 1..M with tag_R
 (`step r i tag_R`), then `end_task`. `step` is a bash script the task ships in /home/paper; it keeps
 its state in /home/submission, marks the end of each phase in its observation, and answers a wrong
@@ -11,7 +11,7 @@ holds it, so the right late action depends on the prefix. Rubric leaves carry ex
 (`"check"`, run with cwd=/home/submission, exit 0 = pass), so the judge is exact offline.
 The scripted expert solves the task; `noise` is its rate of random wrong actions; `flaw` is the
 probability of a systematic, neutral no-op (`step s`) after each even-numbered item: the headroom
-RL removes (ARCHITECTURE.md's third probe). Measured with the tiny tokenizer (chat.py trained on
+RL removes (docs/MINIATURE.md's third probe). Measured with the tiny tokenizer (chat.py trained on
 tokenizer_text()): an action is 12-15 tokens, an observation 5-6, p ~200 (sandbox's system prompt
 100 of them), so M = 24-32 gives expert trajectories of ~1,450-2,100 tokens, 4-5.5 × L = 384.
 `simulate_distill` computes the expert's trajectories without a sandbox (the environment is

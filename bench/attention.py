@@ -1,4 +1,4 @@
-"""Benchmark: masked sub-trajectory attention (KERNELS.md §2, BENCH.md), shared prefix computed once.
+"""Benchmark: masked sub-trajectory attention (docs/KERNELS.md §2, docs/BENCH.md), shared prefix computed once.
 
 Same process, same inputs, warm-up then the median of repeats:
 
@@ -12,13 +12,13 @@ Same process, same inputs, warm-up then the median of repeats:
 2. End-to-end SFT step (forward, backward, AdamW) of a small Qwen2: the K sub-trajectories packed
    with the shared prefix ("klong_prefix" attention, p once) vs the same K sequences unpacked
    ([p sᵢ] as a batch of K rows, p copied K times, stock "sdpa" causal attention). Both supervise
-   the same tokens (each segment's tokens after its first). Target (BENCH.md):
+   the same tokens (each segment's tokens after its first). Target (docs/BENCH.md):
    speed-up ≥ 0.8 × (tokens unpacked / tokens packed). The two variants' steps alternate, so a
    machine shared with other work slows both alike.
 
 On CPU, part 1 runs small: "ours" is the pure-PyTorch reference path (per-run SDPA with boolean
 masks), FlexAttention has no CPU backward: those figures are NOT performance results. Part 2 on
-CPU is the BENCH.md CPU row (tiny Qwen2, reference attention path), with peak resident-set
+CPU is the docs/BENCH.md CPU row (tiny Qwen2, reference attention path), with peak resident-set
 growth measured in a fresh subprocess per variant.
 
 Writes bench/results/attention-<device>.json. Usage:
@@ -291,7 +291,7 @@ def bench_sft(size: ModelSize, window: int, prefix_frac: float, k: int, device, 
 
 
 def rss_growth_subprocess(window: int, prefix_frac: float, k: int, variant: str) -> float:
-    """Peak resident-set growth (MiB) of two SFT steps in a fresh CPU process (BENCH.md)."""
+    """Peak resident-set growth (MiB) of two SFT steps in a fresh CPU process (docs/BENCH.md)."""
     out = subprocess.run([sys.executable, __file__, "--child", variant, "--window", str(window),
                           "--prefix-frac", str(prefix_frac), "--k", str(k)],
                          capture_output=True, text=True, check=True)
@@ -345,7 +345,7 @@ def main(argv=None) -> int:
         notes=[] if gpu else [
             "CPU: the kernel table is NOT a performance result (ours = the pure-PyTorch per-run "
             "reference path, not the Triton kernel; FlexAttention forward only).",
-            "CPU: the sft_step table IS the BENCH.md CPU row (tiny Qwen2, reference attention path)."])
+            "CPU: the sft_step table IS the docs/BENCH.md CPU row (tiny Qwen2, reference attention path)."])
 
     print(f"device: {result['device_name']} ({device.type}), torch {torch.__version__}, "
           f"{result['torch_threads']} threads")
@@ -366,7 +366,7 @@ def main(argv=None) -> int:
 
     if gpu:
         size, dtype = GPU_MODEL, torch.bfloat16
-        sft_cases = [(10240, 0.8, 8)]     # p 8,192 + 8 segments of 2,048 (KERNELS.md's example)
+        sft_cases = [(10240, 0.8, 8)]     # p 8,192 + 8 segments of 2,048 (docs/KERNELS.md's example)
     else:
         size, dtype = CPU_MODEL, torch.float32
         sft_cases = [(512, 0.25, 4), (512, 0.5, 4), (512, 0.75, 4)]

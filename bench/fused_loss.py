@@ -1,6 +1,6 @@
-"""Fused-loss benchmark (issue 3; KERNELS.md §1, BENCH.md). Not a timed test.
+"""Fused-loss benchmark (issue 3; docs/KERNELS.md §1, docs/BENCH.md). Not a timed test.
 
-On a GPU (the figures KERNELS.md targets): in one process, on the same bf16 inputs, forward +
+On a GPU (the figures docs/KERNELS.md targets): in one process, on the same bf16 inputs, forward +
 backward time and peak memory of
     naive    full logits, fp32 log_softmax, gather (PyTorch autograd)               6NHV
     ref-sft  our chunked PyTorch reference, gradients in the forward (SFT path)     6NHV
@@ -12,7 +12,7 @@ at N ∈ {4K, 16K, 32K}, H = 4096, V = 151,936; target: ker-sft time ≤ 1.0× l
 Without a GPU the same suite runs at a small size (Triton under TRITON_INTERPRET=1) and the
 output says its figures are not performance results.
 
-Always (CPU row of BENCH.md): per-token log-probs at N = 8,192, H = 256, V = 32K, fp32, our
+Always (CPU row of docs/BENCH.md): per-token log-probs at N = 8,192, H = 256, V = 32K, fp32, our
 chunked reference against full logits + log_softmax + gather (and TRL's selective_log_softmax
 when trl is importable: bench/requirements.txt), forward (no grad) and forward + backward with a
 random per-token upstream gradient. Peak memory: one call per fresh subprocess (growth of the
@@ -168,7 +168,7 @@ def fused_suite(sizes, repeats):
     return rows
 
 
-# ------------------------------------------------------------------------------- CPU row (BENCH.md)
+# ------------------------------------------------------------------------------- CPU row (docs/BENCH.md)
 def logprob_variant(variant: str, mode: str, n: int, h: int, v: int):
     """A closure running one CPU-row variant on seeded inputs (the same for every variant); it
     returns log p [n]. fwd: no grad; fwd+bwd: also ∂/∂h and ∂/∂W of Σ g·log p, g random."""

@@ -1,5 +1,5 @@
-"""Priority judge queue under a training backlog (BENCH.md: "evaluation jobs wait <= one service
-time"; ARCHITECTURE.md 8).
+"""Priority judge queue under a training backlog (docs/BENCH.md: "evaluation jobs wait <= one service
+time"; docs/ARCHITECTURE.md 8).
 
 Simulation: `workers` judge workers; a backlog of training jobs whose service times are spread
 1-10x a base time (rollouts of very different lengths) is submitted at once, then evaluation jobs

@@ -1,5 +1,5 @@
-"""The miniature: the paper's ablation table measured on a 2-core CPU (ARCHITECTURE.md "The
-miniature", issue 9). Not a timed test: a benchmark of what each stage of KLong buys.
+"""The miniature: the paper's ablation table measured on a 2-core CPU (docs/MINIATURE.md, issue
+9). Not a timed test: a benchmark of what each stage of KLong buys.
 
 Every arm is klong's own pipeline, run as subprocesses `python klong.py --stage sft|rl|eval`:
 
@@ -53,7 +53,7 @@ import common  # noqa: E402
 import factory  # noqa: E402
 import synthetic  # noqa: E402
 
-# The paper's ablation (PAPER.md): PaperBench score, assistant turns, run time.
+# The paper's ablation (docs/PAPER.md): PaperBench score, assistant turns, run time.
 PAPER_ROWS = {"A": ("baseline SFT", 38.63, 114.9, "1.52 h"),
               "C": ("+ trajectory-splitting SFT", 55.92, 732.7, "8.88 h"),
               "P": ("+ RL 2 h → 4 h → 6 h", 62.59, None, None)}

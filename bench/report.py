@@ -1,4 +1,4 @@
-"""Write the README's performance section from bench/results/*.json (BENCH.md: the README quotes
+"""Write the README's performance section from bench/results/*.json (docs/BENCH.md: the README quotes
 ratios from the JSON, never numbers typed by hand).
 
     python bench/report.py          # rewrites the block between the bench markers in README.md

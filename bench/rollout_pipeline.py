@@ -1,4 +1,4 @@
-"""The RL pipeline: partial rollouts + priority judge queue vs synchronous batches (BENCH.md row
+"""The RL pipeline: partial rollouts + priority judge queue vs synchronous batches (docs/BENCH.md row
 "judged rollouts per minute, rollout times spread 1–10×"; KLong §3.4 "pipeline imbalance").
 
 The real grpo.RolloutManager and judge_queue.JudgeQueue run with their real threads; only the work is

@@ -1,4 +1,4 @@
-"""Benchmarks of sandbox.py (BENCH.md, CPU targets):
+"""Benchmarks of sandbox.py (docs/BENCH.md, CPU targets):
 
 1. Sandbox command round trip (`true`), p50 per local tier (and Docker when an engine answers),
    against `subprocess.run` of the same command (`bash -lc true`, same environment) and of a bare

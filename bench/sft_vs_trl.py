@@ -1,4 +1,4 @@
-"""SFT throughput, supervised tokens/s: our loop vs TRL's `SFTTrainer` (BENCH.md row 4).
+"""SFT throughput, supervised tokens/s: our loop vs TRL's `SFTTrainer` (docs/BENCH.md row 4).
 
 Both sides train the same tiny Llama (model.load_model, fp32, same seed, so the same initial
 weights) on the SAME tokenized sub-trajectories (sft.build_rows → split.tokenize: input_ids and

@@ -1,4 +1,4 @@
-"""Splitter and tiny-SFT benchmark (issue 2; BENCH.md rows 1-3). Not a timed test.
+"""Splitter and tiny-SFT benchmark (issue 2; docs/BENCH.md rows 1-3). Not a timed test.
 
 1. split a 1,000-turn trajectory with token counts known (target ≤ 10 ms);
 2. split + tokenise N synthetic trajectories of 700 turns: ms per trajectory and the share of

@@ -1,7 +1,7 @@
-"""Fused linear + per-token log-prob: the "fused long-context loss" (KERNELS.md §1, issue 3).
+"""Fused linear + per-token log-prob: the "fused long-context loss" (docs/KERNELS.md §1, issue 3).
 
 Both training stages need log p(y_n | h_n) for every token of a 64K-token sub-trajectory: SFT
-(cross-entropy on the supervised tokens, PAPER.md) and RL (PPO-clip ratios and the KL term use
+(cross-entropy on the supervised tokens, docs/PAPER.md) and RL (PPO-clip ratios and the KL term use
 per-token log-probs). With a 150K vocabulary the [N, V] logits of one sub-trajectory are 38 GB in
 fp32, so they are never stored: this module goes from the hidden states straight to log-probs.
 
@@ -28,13 +28,13 @@ and, when gradients are wanted, a second time, overwriting it in place with δ i
 feeds two GEMMs, dh_c = δ W and dW += δᵀ h_c. The reference does the same row work with torch
 ops on the chunk (a fused log_softmax, then p = exp log p), using a few [C, V] temporaries.
 Peak extra memory: a few C·V·4 bytes (C·V ≤ 2^28 on CUDA, 2^21 on CPU), the fp32 dW accumulator
-[V, H] and O(N) statistics; never [N, V]. Arithmetic (KERNELS.md): the RL path
+[V, H] and O(N) statistics; never [N, V]. Arithmetic (docs/KERNELS.md): the RL path
 (`token_logprobs`) keeps only lse and H per token and recomputes the logits in the backward:
 2NHV forward + 6NHV backward = 8NHV. The SFT path (`weighted_logprob_sum`) knows g_n = w_n in the
 forward and computes the gradients there, as Liger does: 6NHV.
 
 Precision. Logits, softmax statistics, dW and db accumulate in fp32 (bf16 accumulation of dW
-destabilises training, KERNELS.md). The one rounding step: δ is stored in h's dtype so the two
+destabilises training, docs/KERNELS.md). The one rounding step: δ is stored in h's dtype so the two
 backward GEMMs run on bf16 tensor cores (as in Liger); for fp32 inputs everything is fp32.
 
 Backends (one switch): `impl="reference"` runs the per-chunk row work in PyTorch, `impl="triton"`
@@ -47,7 +47,7 @@ Departures: none from the paper (it does not describe its loss kernels). Logits 
 mask vocabulary entries with a large negative bias, not -inf (the reference recovers lse as
 z_y - log p(y), and an all -inf block would stall the kernel's running max).
 
-File order (STYLE.md): this docstring, the reference, the Triton kernel, its launcher, the shared
+File order (docs/STYLE.md): this docstring, the reference, the Triton kernel, its launcher, the shared
 chunk loop and the autograd functions, then the public API.
 """
 import os
@@ -208,7 +208,7 @@ def _logprob_rows_kernel(
 def _launch_config(V, interpreted):
     """(BLOCK_M, BLOCK_V, num_warps). GPU: one row per program streaming 8K-wide vocab blocks
     (16 fp32 per thread at 16 warps). Interpreter: many rows per program, since each program
-    instance costs milliseconds on CPU (MACHINE.md)."""
+    instance costs milliseconds on CPU (docs/MACHINE.md)."""
     if interpreted:
         return 16, min(512, triton.next_power_of_2(V)), 1
     return 1, min(8192, triton.next_power_of_2(V)), 16

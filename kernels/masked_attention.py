@@ -1,6 +1,6 @@
 """Masked sub-trajectory attention: the K sub-trajectories of one trajectory share the prefix p.
 
-Beyond the paper (ARCHITECTURE.md, "Packing with a shared prefix"; KERNELS.md §2). KLong splits a
+Beyond the paper (docs/ARCHITECTURE.md, "Packing with a shared prefix"; docs/KERNELS.md §2). KLong splits a
 long trajectory into K sub-trajectories [p Cᵢ Wᵢ] that all start with the same pinned prefix p
 (task + paper). Trained as K separate sequences, p is encoded K times. Packed as one row
 

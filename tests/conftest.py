@@ -1,6 +1,6 @@
 """Shared test set-up: runs before any test module is imported.
 
-- TRITON_INTERPRET=1 must be set before any module with @triton.jit is imported (MACHINE.md).
+- TRITON_INTERPRET=1 must be set before any module with @triton.jit is imported (docs/MACHINE.md).
 - Nothing may reach the Hugging Face hub: offline flags, so an accidental call fails at once.
 - One hypothesis profile for the whole suite ("ci": deterministic, no deadline, small example
   counts); HYPOTHESIS_PROFILE=dev runs more examples locally.

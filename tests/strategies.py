@@ -1,4 +1,4 @@
-"""Every hypothesis strategy of the suite lives here (one place, STYLE.md).
+"""Every hypothesis strategy of the suite lives here (one place, docs/STYLE.md).
 
 Sections: trajectories (split), kernels (shapes, layouts), rubric trees (judge), RL (advantages).
 Each section is owned by the module it tests; add to your section only.

@@ -1,4 +1,4 @@
-"""kernels/fused_loss.py: per-token log-probs without the [N, V] logits (KERNELS.md §1).
+"""kernels/fused_loss.py: per-token log-probs without the [N, V] logits (docs/KERNELS.md §1).
 
 The specification is plain PyTorch on the full logits: log_softmax((h Wᵀ + b) / T) gathered at the
 targets, its entropy, and autograd's gradients for arbitrary per-token upstream gradients. Both

@@ -191,7 +191,7 @@ def test_an_outage_raises_instead_of_scoring_zero(canned, tmp_path):
 
 def test_an_outage_through_the_judge_queue_is_a_failed_job(canned, tmp_path):
     """What the RL loop does: jobs are `lambda: grade_submission(...)`; a dead judge endpoint
-    ends as JudgeFailure after the queue's retries (ARCHITECTURE.md 6), never as a score."""
+    ends as JudgeFailure after the queue's retries (docs/ARCHITECTURE.md 6), never as a score."""
     up = canned(lambda body: (200, GOOD))
     down = canned(lambda body: (503, "down"))
     task, sub = make_task(tmp_path)

@@ -1,6 +1,6 @@
 """judge_queue.py: the priority judge queue: evaluation before training, FIFO within a priority, a bounded
 pool, retries with backoff, per-job deadlines, results as they finish, and an outage that fails
-the job instead of scoring it (ARCHITECTURE.md 6 and 8)."""
+the job instead of scoring it (docs/ARCHITECTURE.md 6 and 8)."""
 import random
 import threading
 import time

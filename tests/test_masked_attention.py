@@ -24,7 +24,7 @@ def _ids(layout):
 
 
 def _rule(doc, seg, q, k):
-    """The rule of ARCHITECTURE.md, written out for one pair."""
+    """The rule of docs/ARCHITECTURE.md, written out for one pair."""
     return k <= q and doc[k] == doc[q] and (seg[k] == seg[q] or seg[k] == 0)
 
 

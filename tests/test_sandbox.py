@@ -1,4 +1,4 @@
-"""The sandbox backends: SANDBOX.md's ten failure modes on every backend present (the local tiers
+"""The sandbox backends: docs/SANDBOX.md's ten failure modes on every backend present (the local tiers
 this machine allows, Docker when an engine answers), file round trips, timeout clamping,
 concurrent sandboxes, and the output cleaning/cutting properties."""
 import json

@@ -86,7 +86,7 @@ def test_a_scripted_policy_solves_the_hex_flag_fixture_end_to_end(tier, tmp_path
     assert ep.trajectory.prefix_len == 4               # system, user, read, its observation
     assert msgs[-3]["content"].strip() == "1"          # one commit
     record = json.loads(json.dumps(asdict(ep.trajectory)))
-    again = split.trajectory_from_dict(record)         # a valid ARCHITECTURE.md record
+    again = split.trajectory_from_dict(record)         # a valid docs/ARCHITECTURE.md record
     assert again.messages == msgs and again.meta["paper_read"] and again.meta["tier"] == tier
     if tier == "plain":                                # paths the agent is told are real there
         assert re.search(r"(?<!/fs)/home/", msgs[1]["content"]) is None
@@ -312,7 +312,7 @@ def test_a_blacklist_pattern_matches_every_spelling_and_no_near_miss(case):
 
 @pytest.fixture(scope="module")
 def tiny():
-    """The tiny tokenizer and a random 2-layer Qwen2 (ARCHITECTURE.md scale-down knobs)."""
+    """The tiny tokenizer and a random 2-layer Qwen2 (docs/ARCHITECTURE.md scale-down knobs)."""
     import chat
     from transformers import Qwen2Config, Qwen2ForCausalLM
     tok = chat.build_tiny_tokenizer()

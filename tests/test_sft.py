@@ -114,7 +114,7 @@ def _separate_loss(model, subs):
 
 @pytest.mark.parametrize("row_len", [4096, 700])
 def test_packed_loss_and_gradients_equal_the_separate_subtrajectories(tok, tiny_model, row_len):
-    """ARCHITECTURE.md: packing [p | C₁W₁ | C₂W₂ | …] must not change the loss or gradients.
+    """docs/ARCHITECTURE.md: packing [p | C₁W₁ | C₂W₂ | …] must not change the loss or gradients.
     fp32; tolerance 1e-4 relative on the loss and 1e-4 absolute on gradients."""
     trajs = [split.trajectory_from_dict(make_trajectory(s, 40, 40, 0.0, 0, tid=f"t{s}"))
              for s in (2, 3)]

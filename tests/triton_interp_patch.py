@@ -3,7 +3,7 @@
 `tests/conftest.py` imports this module before any test module, so it is in place before any
 `@triton.jit` kernel (ours in `kernels/`, or Liger's) is imported. It changes nothing unless the
 interpreter is on, and nothing outside the interpreter: compiled GPU kernels never see it.
-Each gap below was reproduced on triton 3.9.0 (MACHINE.md, "Triton on CPU"):
+Each gap below was reproduced on triton 3.9.0 (docs/MACHINE.md, "Triton on CPU"):
 
 1. Python float arguments. A compiled kernel types a Python `float` argument as fp32
    (`triton.runtime.jit.mangle_type(0.5) == "fp32"`); the interpreter passes the raw Python float,
