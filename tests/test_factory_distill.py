@@ -144,7 +144,7 @@ def test_a_local_model_teacher_is_judged_like_any_other(tmp_path):
     [attempt] = lines(tmp_path / "out" / "attempts.jsonl")
     assert (summary.attempts, summary.failed, summary.kept) == (1, 0, 0)
     assert attempt["score"] == 0.0 and attempt["meta"]["stop_reason"] == "max_turns"
-    assert attempt["meta"]["policy"] == "LocalPolicy" and attempt["samples"] == []
+    assert attempt["meta"]["policy"] == "EpisodePolicy" and attempt["samples"] == []
 
 
 def test_real_trajectories_need_the_pinned_prefix_at_the_first_run(tmp_path):
@@ -172,3 +172,21 @@ def test_real_trajectories_need_the_pinned_prefix_at_the_first_run(tmp_path):
             text = json.dumps(context)
             assert (f" r i {spec.tag_r}" in text) is sees_tag, mode
             assert sum(map(count, context)) <= 384
+
+
+def test_the_factory_stage_writes_the_data_the_sft_stage_reads(tmp_path, capsys):
+    """`klong.py --stage factory` reaches factory.run_stage with the run's settings, and the SFT
+    stage's default data (sft.default_data) is the file it wrote, found without a second run."""
+    import klong
+    import sft
+    args = ["--run-dir", str(tmp_path), "--n-tasks", "1", "--attempts", "1", "--threshold", "0",
+            "--seed", "3", "--sandbox", "local"]
+    assert klong.main(["--stage", "factory", *args]) == 0
+    assert "1/1 tasks kept" in capsys.readouterr().out
+    run = json.loads((tmp_path / "factory" / "run.json").read_text())
+    assert (run["seed"], run["attempts"], run["threshold"]) == (3, 1, 0.0)
+    [kept] = split.load_jsonl(tmp_path / "factory" / "trajectories.jsonl")
+    assert kept.task_id.startswith("syn-3-") and kept.meta["teacher"] == "expert"
+    _, cfg = klong.parse_args(["--stage", "sft", *args])
+    assert sft.default_data(cfg) == str(tmp_path / "factory" / "trajectories.jsonl")
+    assert "running the factory first" not in capsys.readouterr().out
