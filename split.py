@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import bisect
 import json
+import re
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -235,7 +236,17 @@ def cut_message(message: dict, target: int, count: Count) -> dict:
 
 
 class _Splitter:
-    """State for splitting one message list: token counts, turns, cached cut messages."""
+    """State for splitting one message list: token counts, turns, cached cuts and contexts.
+
+    Cᵢ is a function of its window's first turn s alone (`context(s)`), so training (every window
+    of a trajectory) and inference (`build_context`, one window at a time) build the same Cᵢ.
+    The budgets (resolution 2), with B = L_max − |p| and marker(s) = the most tokens a marker
+    `[... k earlier turns omitted ...]` with k ≤ s can take:
+
+        room(s)    = B − reserve − marker(s)          whole overlap turns fit in this
+        history(s) = min(⌊history·B⌋, B − reserve) − marker(s) − |V(s)|     older turns fit in this
+
+    both non-increasing in s, which is what makes the truncation progressive (see `context`)."""
 
     def __init__(self, messages: list[dict], prefix_len: int, count: Count, cfg: SplitConfig):
         self.m, self.cfg, self.count = messages, cfg, count
@@ -244,12 +255,19 @@ class _Splitter:
         self.p_tokens = sum(self.n[:self.P])                      # |p|
         self.turns = turns_of(messages, self.P)
         self.B = cfg.context_len - self.p_tokens                  # budget after p
-        if self.B <= 0:
+        if self.B <= 0 or self.B < cfg.reserve:
             raise SplitError(f"pinned prefix p is {self.p_tokens} tokens; L_max = "
-                             f"{cfg.context_len} leaves no room for a turn: raise context_len")
-        self._cuts: dict[tuple[int, int], dict] = {}
-        # tokens of the omission marker with the most digits it can have (room reserved for it)
-        self.marker_max = count(omitted_marker(len(self.turns))) if cfg.mode == "klong" else 0
+                             f"{cfg.context_len} (reserve {cfg.reserve}) leaves no room for a turn: "
+                             "raise context_len")
+        self.H = min(int(cfg.history * self.B), self.B - cfg.reserve)   # Cᵢ's share of B
+        self._cuts: dict[tuple[int, int], dict] = {}                 # (j, target) -> cut
+        self._short: dict[tuple[int, float], dict] = {}              # (j, frac) -> shortened
+        self._older: dict[tuple[int, int], tuple[dict, int]] = {}    # (j, age) -> version
+        self._markers = [0]                # running max of count(omitted_marker(k)), k = 0, 1, …
+        self._greedy: dict[int, tuple] = {}
+        self._fitted_new: dict[int, list | None] = {}
+
+    # -- cutting one message or one turn
 
     def cut(self, j: int, target: int) -> tuple[dict, int]:
         if target >= self.n[j]:
@@ -263,6 +281,12 @@ class _Splitter:
     def turn_tokens(self, t: int) -> int:
         a, b = self.turns[t]
         return sum(self.n[a:b])
+
+    def fit_min(self, t: int) -> int:
+        """Fewest tokens turn t can be cut to: its actions whole, observations at MIN_CUT."""
+        a, b = self.turns[t]
+        return sum(self.n[j] if self.m[j]["role"] == "assistant" else min(self.n[j], MIN_CUT)
+                   for j in range(a, b))
 
     def fitted(self, t: int, room: int) -> list[tuple[int, dict, int]]:
         """Turn t's messages, observations cut head+tail so the turn fits `room` (resolution 1).
@@ -285,66 +309,144 @@ class _Splitter:
         return out
 
     def shorten(self, j: int, frac: float) -> tuple[dict, int]:
-        """Observation j keeping ⌊frac·len⌋ characters head+tail (resolution 2's truncation)."""
+        """Observation j keeping ⌊frac·len⌋ characters head+tail (resolution 2's truncation), or
+        whole when that cut would not be shorter in tokens: shortening never lengthens."""
         if frac >= 1:
             return self.m[j], self.n[j]
-        key = (j, -int(frac * 1e6))
-        if key not in self._cuts:
+        key = (j, frac)
+        if key not in self._short:
             text = str(self.m[j].get("content") or "")
             keep = int(frac * len(text))
             head, tail = keep - keep // 2, keep // 2
-            self._cuts[key] = {**self.m[j], "content": text[:head] + f"\n[... {len(text) - keep} "
-                               f"characters omitted ...]\n" + (text[len(text) - tail:] if tail else "")}
-        c = self._cuts[key]
+            cut = {**self.m[j], "content": text[:head] + f"\n[... {len(text) - keep} "
+                   f"characters omitted ...]\n" + (text[len(text) - tail:] if tail else "")}
+            self._short[key] = cut if self.count(cut) < self.n[j] else self.m[j]
+        c = self._short[key]
         return c, self.count(c)
 
-    def history(self, s: int, room_for_next: int) -> tuple[list[tuple[int, dict, int]], int, int]:
-        """Cᵢ for a window starting at turn s: [marker] + older truncated turns + overlap turns.
+    def marker(self, s: int) -> int:
+        """max over k ≤ s of count(omitted_marker(k)): the room C reserves for its marker."""
+        if self.cfg.mode != "klong":
+            return 0
+        while len(self._markers) <= s:
+            k = len(self._markers)
+            self._markers.append(max(self._markers[-1], self.count(omitted_marker(k))))
+        return self._markers[s]
+
+    def newest(self, t: int) -> list[tuple[int, dict, int]] | None:
+        """Turn t as the newest turn of C(t+1) when it does not fit whole (None when it does):
+        cut head+tail by `fitted`, the rule that cuts an over-long turn in a training window, to
+        the history share (at least to its shortest cut)."""
+        if t not in self._fitted_new:
+            s = t + 1
+            room = self.B - self.cfg.reserve - self.marker(s)
+            if self.turn_tokens(t) <= room:
+                self._fitted_new[t] = None
+            else:
+                target = max(self.H - self.marker(s), self.fit_min(t))
+                if target > room:
+                    raise SplitError(
+                        f"L_max = {self.cfg.context_len} is too small: p ({self.p_tokens} tokens), "
+                        f"reserve {self.cfg.reserve} and turn {t} cut to its shortest "
+                        f"({self.fit_min(t)} tokens) do not fit")
+                self._fitted_new[t] = self.fitted(t, target)
+        return self._fitted_new[t]
+
+    def older(self, j: int, t: int, age: int) -> tuple[dict, int]:
+        """Observation j (of turn t) at `age` in C: the version keeping the fewest characters of
+        those used at ages ≤ age (keep[0..age], and the newest-turn cut when turn t had one). So
+        a message never gets back characters a younger C had cut (resolution 2)."""
+        key = (j, age)
+        if key not in self._older:
+            keep = self.cfg.keep
+            best = (self.m[j], self.n[j])
+            for frac in keep[:min(age, len(keep) - 1) + 1]:
+                cand = self.shorten(j, frac)
+                if _kept_chars(cand[0]) < _kept_chars(best[0]):
+                    best = cand
+            try:
+                cut = self.newest(t)
+            except SplitError:           # C(t+1) cannot be built, so no C held that cut
+                cut = None
+            if cut is not None:
+                cand = next((msg, n) for jj, msg, n in cut if jj == j)
+                if _kept_chars(cand[0]) < _kept_chars(best[0]):
+                    best = cand
+            self._older[key] = best
+        return self._older[key]
+
+    # -- Cᵢ
+
+    def _greedy_context(self, s: int):
+        """C(s) before the progressive-drop rule: (V items, V tokens, v, older items by turn,
+        first kept turn g(s)). V: the fewest whole turns just before s holding ≥ `overlap`
+        tokens within room(s), the newest turn always (cut by `newest` when over-long); older
+        turns newest first at keep[age], while they fit history(s)."""
+        if s in self._greedy:
+            return self._greedy[s]
+        cfg = self.cfg
+        room = self.B - cfg.reserve - self.marker(s)
+        v, v_tok, V = s, 0, []
+        cut = self.newest(s - 1)
+        if cut is not None:                 # the newest turn always stays, over-long: cut
+            V, v, v_tok = list(cut), s - 1, sum(x[2] for x in cut)
+        while cut is None and v > 0 and (v == s or v_tok < cfg.overlap):
+            n = self.turn_tokens(v - 1)
+            if v_tok + n > room:
+                break
+            V = [(j, self.m[j], self.n[j]) for j in range(*self.turns[v - 1])] + V
+            v, v_tok = v - 1, v_tok + n
+        older: dict[int, list] = {}
+        t = v - 1
+        if cfg.mode == "klong":
+            budget = self.H - self.marker(s) - v_tok
+            while t >= 0:
+                age = v - 1 - t
+                if cfg.keep[min(age, len(cfg.keep) - 1)] <= 0:
+                    break
+                pieces = [(j, self.m[j], self.n[j]) if self.m[j]["role"] == "assistant"
+                          else (j, *self.older(j, t, age)) for j in range(*self.turns[t])]
+                size = sum(x[2] for x in pieces)
+                if size > budget:
+                    break
+                older[t], budget, t = pieces, budget - size, t - 1
+        out = (V, v_tok, v, older, t + 1)
+        self._greedy[s] = out
+        return out
+
+    def context(self, s: int) -> tuple[list[tuple[int, dict, int]], int, int]:
+        """Cᵢ for a window starting at turn s: [marker] + older truncated turns + overlap V.
         Returns the items (message index or −1, message, tokens), their tokens, and the first
-        message index of the overlap."""
+        message index of V.
+
+        The progressive-truncation invariant (resolution 2), exact for every trajectory and every
+        token counter: for s < s', (a) every turn C(s) drops behind the marker is dropped from
+        C(s') as well, and (b) a message in both keeps no more characters in C(s') than in C(s).
+        (a) holds because C(s) drops the turns before d(s) = max over s'' ≤ s of g(s''), the
+        greedy first kept turn (only s'' in (g(s), s) can raise it; d(s) never passes V's start);
+        (b) because V's start never moves back (room(s) does not grow) and `older` keeps the
+        fewest characters any younger age kept. The paper's "the later the sub-trajectory, the
+        more of the middle is gone"."""
         if s == 0:
             return [], 0, self.P
-        cfg, L = self.cfg, self.cfg.context_len
-        # the overlap V: the fewest whole turns just before s holding ≥ `overlap` tokens, as long
-        # as p ⊕ V still leaves room for the next turn (resolution 2)
-        marker_max = self.marker_max
-        v, v_tok = s, 0
-        while v > 0 and v_tok < cfg.overlap:
-            n = self.turn_tokens(v - 1)
-            if self.p_tokens + v_tok + n + room_for_next + marker_max > L:
-                break
-            v, v_tok = v - 1, v_tok + n
-        overlap = [(j, self.m[j], self.n[j]) for t in range(v, s) for j in range(*self.turns[t])]
-        v_start = self.turns[v][0] if v < s else self.turns[s][0] if s < len(self.turns) else len(self.m)
-        if cfg.mode != "klong":          # sliding windows keep only the overlap
-            return overlap, v_tok, v_start
-        # older turns, newest first: the observation of a turn of age a keeps keep[a] of its
-        # characters (actions stay whole); when a turn no longer fits the history budget, it and
-        # every older turn are dropped behind one marker
-        budget = min(int(cfg.history * self.B), L - self.p_tokens - room_for_next) - v_tok
-        budget -= marker_max                                             # room for the marker
-        older: list[tuple[int, dict, int]] = []
-        t = v - 1
-        while t >= 0:
-            frac = cfg.keep[min(v - 1 - t, len(cfg.keep) - 1)]
-            if frac <= 0:
-                break
-            pieces = [(j, self.m[j], self.n[j]) if self.m[j]["role"] == "assistant"
-                      else (j, *self.shorten(j, frac)) for j in range(*self.turns[t])]
-            size = sum(x[2] for x in pieces)
-            if size > budget:
-                break
-            older, budget, t = pieces + older, budget - size, t - 1
-        dropped = t + 1
-        marker = [(-1, omitted_marker(dropped), self.count(omitted_marker(dropped)))] if dropped else []
-        hist = marker + older + overlap
-        return hist, sum(x[2] for x in hist), v_start
+        V, v_tok, v, older, g = self._greedy_context(s)
+        d = g
+        for x in range(g + 1, s) if self.cfg.mode == "klong" else ():
+            try:
+                d = max(d, self._greedy_context(x)[4])
+            except SplitError:           # a C(x) that cannot be built constrains nothing
+                pass
+        items = [x for t in sorted(older) if t >= d for x in older[t]] + V
+        if self.cfg.mode == "klong" and d > 0:
+            items = [(-1, omitted_marker(d), self.count(omitted_marker(d)))] + items
+        v_start = self.turns[v][0] if v < s else self.turns[s][0] if s < len(self.turns) \
+            else len(self.m)
+        return items, sum(x[2] for x in items), v_start
 
     def subtrajectory(self, traj_id: str, i: int, s: int) -> tuple[SubTrajectory, int]:
         """τ⁽ⁱ⁾ whose window starts at turn s; returns it and the next window's start."""
         cfg, L = self.cfg, self.cfg.context_len
-        marker = self.marker_max if s else 0
-        hist, h_tok, v_start = self.history(s, min(self.turn_tokens(s), L - self.p_tokens - marker))
+        hist, h_tok, v_start = self.context(s)
         used = self.p_tokens + h_tok
         window, e = [], s
         while e < len(self.turns):
@@ -367,6 +469,16 @@ class _Splitter:
             sup.append(msg["role"] == "assistant" and j >= 0 and trained)
         return SubTrajectory(traj_id=traj_id, index=i, messages=[x[1] for x in items],
                              supervised=sup, source=[x[0] for x in items], prefix_len=self.P), e
+
+
+_OMITTED = re.compile(r"\n\[\.\.\. (\d+) characters omitted \.\.\.\]\n")
+
+
+def _kept_chars(message: dict) -> int:
+    """Characters of the original content a (possibly cut) message still holds."""
+    text = str(message.get("content") or "")
+    m = _OMITTED.search(text)
+    return len(text) if m is None else len(text) - len(m.group(0))
 
 
 def split_trajectory(traj: Trajectory, count: Count, cfg: SplitConfig) -> list[SubTrajectory]:
@@ -421,16 +533,13 @@ def build_context(messages: list[dict], prefix_len: int, window_start: int, coun
     if cfg.mode == "window" and window_start <= prefix_len:
         window_start = 0
     sp = _Splitter(messages, prefix_len, count, cfg)
-    if sp.p_tokens + cfg.reserve > cfg.context_len:
-        raise SplitError(f"p ({sp.p_tokens} tokens) plus reserve {cfg.reserve} > L_max "
-                         f"{cfg.context_len}: raise context_len")
     starts = [a for a, _ in sp.turns]
     s = bisect.bisect_left(starts, max(window_start, sp.P))
     window_start = starts[s] if s < len(starts) else len(messages)
-    hist, h_tok, _ = sp.history(s, cfg.reserve)
+    hist, h_tok, _ = sp.context(s)
     if sp.p_tokens + h_tok + sum(sp.n[window_start:]) + cfg.reserve > cfg.context_len:
         s, window_start = len(starts), len(messages)       # the window restarts here
-        hist, h_tok, _ = sp.history(s, cfg.reserve)
+        hist, h_tok, _ = sp.context(s)
     ctx = list(messages[:sp.P]) + [x[1] for x in hist] + list(messages[window_start:])
     return ctx, window_start
 

@@ -9,6 +9,12 @@ from hypothesis import strategies as st  # noqa: F401
 # ----------------------------------------------------------------------------- split
 import random  # noqa: E402
 
+from hypothesis import settings  # noqa: E402
+
+SPLIT_EXAMPLES = max(200, settings.default.max_examples)
+"""Examples per splitting invariant: ≥ 200 in the "ci" profile, the profile's count above that
+("thorough": 2,000; tests/conftest.py)."""
+
 
 def word_count(message: dict) -> int:
     """A deterministic stand-in tokenizer for splitter properties: 2 tokens of role header and
@@ -46,17 +52,19 @@ def make_trajectory(seed: int, n_turns: int, prefix_obs: int, long_obs_rate: flo
 
 @st.composite
 def split_cases(draw, max_turns: int = 2000):
-    """(trajectory record, SplitConfig kwargs) with L_max 160-1024 and a prefix that fits."""
+    """(trajectory record, SplitConfig kwargs) with L_max 160-1024 and a prefix that leaves room
+    for the reserve (48-64 tokens: ≥ the shortest cut of any generated turn, 48) plus the newest
+    turn cut to its shortest and the omission marker (p is 22 tokens + the paper reading)."""
     context_len = draw(st.integers(160, 1024))
     n_turns = draw(st.one_of(st.integers(1, 30), st.integers(1, max_turns)))
-    prefix_obs = draw(st.integers(0, context_len // 3))
+    prefix_obs = draw(st.integers(0, max(0, min(context_len // 3, context_len - 160))))
     long_len = draw(st.integers(context_len, 2 * context_len))
     rec = make_trajectory(draw(st.integers(0, 2**31)), n_turns, prefix_obs,
                           draw(st.sampled_from([0.0, 0.01, 0.1])), long_len)
     cfg = dict(context_len=context_len, overlap=draw(st.integers(0, 96)),
                history=draw(st.sampled_from([0.0, 0.25, 0.5])),
                keep=draw(st.sampled_from([(1.0, 0.5, 0.25, 0.1), (1.0,), (0.5, 0.0), (0.3, 0.2)])),
-               supervise_overlap=draw(st.booleans()))
+               supervise_overlap=draw(st.booleans()), reserve=draw(st.integers(48, 64)))
     return rec, cfg
 
 
