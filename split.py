@@ -12,9 +12,14 @@ Resolutions where the paper is silent (docs/ARCHITECTURE.md; each is repeated wh
     sᵢ₊₁). Splitting never cuts inside a turn; a single observation longer than the budget is cut
     head+tail with a visible marker.
  2. Sub-trajectory i = p ⊕ Cᵢ ⊕ Wᵢ. Wᵢ: the turns supervised in i. Cᵢ: the turns just before Wᵢ
-    (at least `overlap` tokens of whole turns: the overlap with i−1), then older turns
-    progressively truncated (observations cut more the older they are, by the `keep` schedule),
-    then whole turns dropped behind one marker `[... N earlier turns omitted ...]`.
+    (at least `overlap` tokens of whole turns: the overlap with i−1; the newest turn always, cut
+    head+tail when it alone is over-long), then older turns progressively truncated
+    (observations cut more the older they are, by the `keep` schedule; a cut that would not be
+    shorter in tokens keeps the observation whole), then whole turns dropped behind one marker
+    `[... N earlier turns omitted ...]`. Cᵢ depends on Wᵢ's first turn only. Invariant
+    (`_Splitter.context`): for i < i', every turn τ⁽ⁱ⁾ drops is dropped from τ⁽ⁱ'⁾, and a message
+    in both contexts keeps no more characters in τ⁽ⁱ'⁾ ("the later, the more of the middle is
+    gone").
  3. Loss on the assistant tokens of Wᵢ only: every action is trained exactly once.
     `supervise_overlap=True` gives the paper's literal formula (overlap actions trained twice).
     Actions inside p are supervised once, in sub-trajectory 1.
@@ -182,7 +187,8 @@ class SplitConfig:
     """"klong" (pinned p + C + W), "none" (baseline: head truncation, one sequence), "window"
     (sliding windows, no pinned prefix, no history beyond the overlap)."""
     reserve: int = 64
-    """At inference: tokens kept free for the next action when the context is (re)built."""
+    """Tokens kept free after p ⊕ Cᵢ: for the next action when the live context is (re)built, and
+    (the same Cᵢ) at least this much room for Wᵢ in training."""
 
     def __post_init__(self):
         self.keep = tuple(self.keep)
@@ -522,7 +528,9 @@ def build_context(messages: list[dict], prefix_len: int, window_start: int, coun
     `messages` is the live history; `window_start` the message index where the current window
     began (start with `prefix_len`). The context p ⊕ C ⊕ messages[window_start:] grows turn by
     turn (so a KV cache stays valid); when it plus `cfg.reserve` would pass L_max, the window
-    restarts at the end of the history and C is rebuilt exactly as Cᵢ is in training.
+    restarts at the end of the history and C is rebuilt exactly as Cᵢ is in training: it holds
+    the newest turn (its action verbatim; an over-long observation cut head+tail by the rule that
+    cuts an over-long turn in a training window), and context + reserve ≤ L_max.
     Baseline agents (`mode="none"`) slide a window without p, like `mode="window"`. They have no
     pinned p, so their first window starts at the first message, as the first training window
     does: a `window_start` at or before the end of p means that first window (a restart always
