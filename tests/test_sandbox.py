@@ -24,11 +24,21 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _docker_problem() -> str | None:
+    """Why the Docker tests cannot run: no engine answers, or it lacks the sandbox image (both
+    made by scripts/docker-setup.sh, which CI runs first). Never an error."""
+    import docker
     try:
-        S.docker_client().close()
-        return None
+        client = S.docker_client()
     except S.SandboxError as e:
         return str(e)
+    try:
+        client.images.get(S.Limits.image)
+        return None
+    except docker.errors.ImageNotFound:
+        return (f"the engine answers but the sandbox image {S.Limits.image} is missing: "
+                f"run scripts/docker-setup.sh")
+    finally:
+        client.close()
 
 
 DOCKER_PROBLEM = _docker_problem()
@@ -294,6 +304,72 @@ def test_the_plain_tier_says_it_cannot_turn_the_network_off(caplog):
     assert any("NOT a security boundary" in rec.message for rec in caplog.records)
 
 
+# ----------------------------------------------------------------------------- 0: the agent sees only its task
+
+OWN_ROOT = {"bin", "dev", "etc", "home", "lib", "lib32", "lib64", "libx32", "proc", "root", "run",
+            "sbin", "tmp", "usr", "var"}                 # root_plan's tree (local isolated tiers)
+IMAGE_ROOT = OWN_ROOT | {"boot", "media", "mnt", "opt", "srv", "sys", ".dockerenv"}   # a Debian image
+
+
+def secret_task(root: Path) -> tuple[S.Task, list[Path]]:
+    """A task folder whose rubric, judge file and run directory hold a canary, beside a run dir."""
+    canary = uuid.uuid4().hex
+    d = root / "runs" / "r1" / "factory" / "tasks" / "t1"
+    d.mkdir(parents=True)
+    (d / "paper.md").write_text("# The paper\nReproduce it.\n")
+    (d / "addendum.md").write_text("Nothing else.\n")
+    (d / "rubric.json").write_text(json.dumps({"id": "root", "answer": canary}))
+    (d / "judge.addendum.md").write_text(canary)
+    (root / "runs" / "r1" / "log.jsonl").write_text(canary)
+    return S.load_task(d), [d / "rubric.json", d / "judge.addendum.md", root / "runs" / "r1" / "log.jsonl",
+                            REPO / "sandbox.py", Path.home() / ".bashrc"]
+
+
+@pytest.mark.parametrize("backend", ISOLATED)
+def test_the_agent_sees_its_task_and_nothing_of_the_host(backend, tmp_path):
+    task, secrets = secret_task(tmp_path)
+    canary = json.loads(secrets[0].read_text())["answer"]
+    with S.open_sandbox(backend, task=task) as box:
+        layout = box.exec("ls -A /home /home/paper; test -d /home/submission/.git && echo git", 10).output
+        assert {"instructions.txt", "paper", "submission", "paper.md", "addendum.md", "git"} <= set(layout.split())
+        assert "rubric.json" not in layout and "judge" not in layout
+        for path in secrets + [tmp_path / "runs", REPO]:      # by their host paths: not there
+            r = box.exec(f"ls -A '{path}'; cat '{path}'", 10)
+            assert r.exit_code != 0 and canary not in r.output and "No such file" in r.output, path
+        top = set(box.exec("ls -A /", 10).output.split())
+        assert top <= (OWN_ROOT if isinstance(box, S.LocalSandbox) else IMAGE_ROOT), top
+        assert not top & (set(os.listdir("/")) - IMAGE_ROOT)   # no host-only top-level entry
+        found = box.exec("grep -rls --exclude-dir=proc --exclude-dir=sys --exclude-dir=usr "
+                         f"--exclude-dir=dev {canary} / | head", 60).output
+        assert found == ""                                     # the canary is nowhere inside
+        if isinstance(box, S.LocalSandbox):                    # the host's users, secrets, configs
+            assert box.exec("ls -A /root", 10).output.split() in ([], [".pyenv"])
+            etc = box.exec("cat /etc/passwd; ls /etc/shadow /etc/pip.conf /etc/ssh", 10).output
+            assert etc.startswith("root:x:0:0:root:/home:/bin/bash\n") and etc.count("No such file") == 3
+
+
+def test_the_plain_tier_cannot_hide_the_host_and_is_refused_unless_allowed(tmp_path, monkeypatch):
+    task, secrets = secret_task(tmp_path)
+    canary = json.loads(secrets[0].read_text())["answer"]
+    with S.open_sandbox("plain", task=task) as box:          # named: allowed, and it says so
+        assert canary in box.exec(f"cat {secrets[0]}", 10).output
+    with pytest.raises(S.SandboxError, match="cannot hide the host"):
+        S.open_sandbox("plain", allow_unisolated=False)
+    with pytest.raises(S.SandboxError, match="plain tier.*allow_unisolated"):
+        S.require_isolation("plain")
+    assert S.require_isolation("plain", allow_unisolated=True) == "plain"
+    for tier in ("namespace", "bwrap"):                       # a machine with no isolated tier
+        monkeypatch.setitem(S._TIER_PROBES, tier, "simulated: unavailable")
+    monkeypatch.setenv("DOCKER_HOST", "unix:///nonexistent/klong-docker.sock")
+    monkeypatch.setattr(S, "_DOCKER_DOWN", "simulated")
+    with pytest.raises(S.SandboxError, match="'local' on this machine runs the agent on the plain"):
+        S.open_sandbox("local", task=task)                   # never silently unisolated
+    with pytest.raises(S.SandboxError, match="'auto'"):
+        S.require_isolation("auto")
+    with S.open_sandbox("auto", allow_unisolated=True) as box:
+        assert box.tier == "plain"
+
+
 # ----------------------------------------------------------------------------- isolation, files, clamping
 
 @pytest.mark.parametrize("box", ISOLATED, indirect=True)
@@ -330,14 +406,20 @@ def test_upload_download_and_reads_outside_the_workspace(box, tmp_path):
     box.upload(src, "/home/submission/up")
     sub = S.SUBMISSION
     assert box.exec("cat up/a.txt; wc -c < up/deep/er/b.bin", 10, cwd=sub).output == "alpha256\n"
-    box.exec("ln -s a.txt up/link && ln -s /etc/hostname up/abs_link", 10, cwd=sub)
+    box.exec("ln -s a.txt up/link", 10, cwd=sub)
     out = tmp_path / "out"
     box.download("/home/submission/up", out, max_file_bytes=1000)
     assert (out / "a.txt").read_text() == "alpha"
     assert (out / "deep" / "er" / "b.bin").read_bytes() == bytes(range(256))
     assert not (out / "big.bin").exists()                    # over max_file_bytes: left out
     assert os.readlink(out / "link") == "a.txt"              # links stay links
+    box.exec("ln -s /etc/hostname up/abs_link", 10, cwd=sub)
     assert box.read_file("/home/submission/up/abs_link") == box.read_file("/etc/hostname")
+    box.exec("ln -s ../../../etc/passwd up/deep/climbing", 10, cwd=sub)
+    with pytest.raises(S.SandboxError, match=r"2 link\(s\) point outside the folder \(abs_link -> "
+                                             r"/etc/hostname, deep/climbing -> \.\./\.\./\.\./etc"):
+        box.download("/home/submission/up", tmp_path / "out2")   # no host reader may follow one
+    assert not (tmp_path / "out2" / "abs_link").exists()
     with pytest.raises(S.SandboxError):
         box.read_file("/home/submission/nope")
     if isinstance(box, S.LocalSandbox):                       # no writes through links out
