@@ -2,8 +2,10 @@
 
 - TRITON_INTERPRET=1 must be set before any module with @triton.jit is imported (docs/MACHINE.md).
 - Nothing may reach the Hugging Face hub: offline flags, so an accidental call fails at once.
-- One hypothesis profile for the whole suite ("ci": deterministic, no deadline, small example
-  counts); HYPOTHESIS_PROFILE=dev runs more examples locally.
+- Hypothesis profiles, chosen by HYPOTHESIS_PROFILE: "ci" (the default: deterministic, no
+  deadline, 25 examples a property; the splitting invariants ask for at least 200,
+  tests/strategies.SPLIT_EXAMPLES), "dev" (200 everywhere) and "thorough" (2,000 everywhere,
+  the splitting invariants included: `HYPOTHESIS_PROFILE=thorough pytest tests/test_split.py`).
 """
 import os
 import sys
@@ -24,6 +26,10 @@ settings.register_profile(
                            HealthCheck.function_scoped_fixture])
 settings.register_profile(
     "dev", max_examples=200, deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                           HealthCheck.function_scoped_fixture])
+settings.register_profile(
+    "thorough", max_examples=2000, deadline=None, derandomize=True, print_blob=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                            HealthCheck.function_scoped_fixture])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
