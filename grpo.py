@@ -282,7 +282,8 @@ class RolloutManager:
 
     def _episode(self, task, timeout: float, out: Path) -> "agent.Episode":
         return agent.run_episode(self.shared.policy(), task, budget_for(self.cfg, timeout),
-                                   backend=self.cfg.sandbox, submission_out=out)
+                                   backend=self.cfg.sandbox, submission_out=out,
+                                   allow_unisolated=self.cfg.allow_unisolated)
 
     def _grade(self, task, ep) -> float:
         return judge.grade_submission(task.dir, ep.submission_dir, self.grader,
@@ -411,6 +412,7 @@ def run_rl(cfg) -> Path:
     the judge queue), logs and plots; it broadcasts each step's judged groups, every rank trains
     on its share (rl_update), and the new weights are gathered on rank 0 for its sampler."""
     from tqdm import tqdm
+    sandbox.require_isolation(cfg.sandbox, cfg.allow_unisolated)   # issue 21: no rubric in reach
     out = Path(cfg.run_dir) / "rl"
     out.mkdir(parents=True, exist_ok=True)
     if dist.is_main():
@@ -557,6 +559,7 @@ def run_eval(cfg, greedy: bool = True) -> dict:
     """Run the agent on held-out tasks, judge (EVAL priority), report the paper's columns:
     score mean ± standard error over seeds, assistant turns, wall time, timeout rate."""
     from tqdm import tqdm
+    sandbox.require_isolation(cfg.sandbox, cfg.allow_unisolated)   # issue 21: no rubric in reach
     out = Path(cfg.run_dir) / "eval"
     out.mkdir(parents=True, exist_ok=True)
     tasks = eval_tasks(cfg)

@@ -164,6 +164,8 @@ class Config:
     """Evaluation budget per episode (same unit as rl_timeout_unit)."""
     sandbox: str = "auto"
     """Sandbox backend: auto (docker if an engine answers, else local), local or docker."""
+    allow_unisolated: bool = False
+    """RL/eval: allow the plain sandbox tier, which cannot hide the host (the agent could read its rubric)."""
     judge: str = "check"
     """Leaf grader: check (executable checks), openai:MODEL@URL or hf:PATH."""
 
