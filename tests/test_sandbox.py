@@ -23,25 +23,7 @@ from tests.strategies import sandbox_relpaths, shell_outputs
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _docker_problem() -> str | None:
-    """Why the Docker tests cannot run: no engine answers, or it lacks the sandbox image (both
-    made by scripts/docker-setup.sh, which CI runs first). Never an error."""
-    import docker
-    try:
-        client = S.docker_client()
-    except S.SandboxError as e:
-        return str(e)
-    try:
-        client.images.get(S.Limits.image)
-        return None
-    except docker.errors.ImageNotFound:
-        return (f"the engine answers but the sandbox image {S.Limits.image} is missing: "
-                f"run scripts/docker-setup.sh")
-    finally:
-        client.close()
-
-
-DOCKER_PROBLEM = _docker_problem()
+DOCKER_PROBLEM = S.docker_problem()   # no engine, or no image: skipped, never an error
 BACKENDS = [pytest.param(t, marks=pytest.mark.skipif(S.tier_problem(t) is not None,
                                                        reason=f"{t}: {S.tier_problem(t)}"))
             for t in S.TIERS]

@@ -24,6 +24,9 @@ GOLD_FLAG = (SHARED / "fixtures/submissions/hex_flag/gold/flag.txt").read_text()
 TIERS = [pytest.param(t, marks=pytest.mark.skipif(S.tier_problem(t) is not None,
                                                     reason=f"{t}: {S.tier_problem(t)}"))
          for t in S.TIERS]
+DOCKER_PROBLEM = S.docker_problem()
+DOCKER = pytest.param("docker", marks=pytest.mark.skipif(DOCKER_PROBLEM is not None,
+                                                         reason=f"docker: {DOCKER_PROBLEM}"))
 
 
 def make_task(root: Path, paper: str, blacklist: str = "none\n", name: str = "hex-flag") -> Path:
@@ -71,7 +74,7 @@ def flag_expert(messages: list[dict]) -> dict:
 
 # ----------------------------------------------------------------------------- end to end
 
-@pytest.mark.parametrize("tier", TIERS)
+@pytest.mark.parametrize("tier", TIERS + [DOCKER])
 def test_a_scripted_policy_solves_the_hex_flag_fixture_end_to_end(tier, tmp_path):
     task = make_task(tmp_path, HEX_PAPER)
     ep = A.run_episode(A.ScriptedPolicy(flag_expert), task, A.Budget(max_turns=10), backend=tier,
@@ -90,6 +93,20 @@ def test_a_scripted_policy_solves_the_hex_flag_fixture_end_to_end(tier, tmp_path
     assert again.messages == msgs and again.meta["paper_read"] and again.meta["tier"] == tier
     if tier == "plain":                                # paths the agent is told are real there
         assert re.search(r"(?<!/fs)/home/", msgs[1]["content"]) is None
+
+
+@pytest.mark.parametrize("backend", [DOCKER])
+def test_a_reproduction_runs_in_docker(backend, tmp_path):
+    import judge
+    sub = tmp_path / "sub"
+    sub.mkdir()
+    (sub / "reproduce.sh").write_text("python3 -c \"print('acc,0.9')\" > results.csv\n"
+                                      "touch /usr/planted 2>/dev/null || echo root is read-only\n"
+                                      "echo done\n")
+    rep = judge.run_reproduction(sub, tmp_path / "out", timeout_s=60, backend=backend)
+    assert rep.sandbox_tier == "docker" and rep.exit_code == 0 and not rep.timed_out
+    assert (rep.dir / "results.csv").read_text() == "acc,0.9\n"
+    assert (rep.dir / "reproduce.log").read_text() == "root is read-only\ndone\n"
 
 
 # ----------------------------------------------------------------------------- guards
