@@ -459,6 +459,16 @@ def test_the_docker_escapee_sweep_kills_exactly_the_marked_processes(box):
     assert survivors(box, "slee[p] 307[123]") == 0 and survivors(box, "slee[p] 3074") == 1
 
 
+@pytest.mark.skipif(DOCKER_PROBLEM is not None and "engine answers" not in DOCKER_PROBLEM,
+                    reason=f"docker: {DOCKER_PROBLEM}")
+def test_an_engine_without_the_image_is_a_reason_to_skip_not_an_error():
+    assert "missing: run scripts/docker-setup.sh" in S.docker_problem("klong-sandbox:no-such-tag")
+    t0 = time.monotonic()
+    with pytest.raises(S.SandboxError, match="cannot pull klong-sandbox:no-such-tag .*scripts/docker-setup.sh"):
+        S.open_sandbox("docker", image="klong-sandbox:no-such-tag")   # no registry here
+    assert time.monotonic() - t0 < 60
+
+
 def test_docker_refusal_is_clear_and_auto_falls_back(monkeypatch):
     monkeypatch.setenv("DOCKER_HOST", "unix:///nonexistent/klong-docker.sock")
     with pytest.raises(S.SandboxError, match="no Docker engine answered.*backend='local'"):
