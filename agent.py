@@ -359,12 +359,12 @@ class OwnReplies:
 
     def __init__(self, tokenizer):
         import chat
-        from split import cached_encoder
         self.tokenizer = tokenizer
-        self.count_tokens = chat.count_tokens(tokenizer)
+        cache = chat.MessageCache(tokenizer)          # each message encoded once: count and ids
+        self.count_tokens = cache.count
         self.prefix = chat.generation_prefix(tokenizer)
         self.stop = chat.stop_token_id(tokenizer)
-        self._encode = cached_encoder(tokenizer)
+        self._encode = cache.encode
         self._own: dict[str, list[int]] = {}          # reply key -> header + the ids sampled
 
     def context(self, messages: list[dict]) -> list[int]:

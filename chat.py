@@ -183,17 +183,31 @@ def stop_token_id(tokenizer) -> int:
     return tokenizer.convert_tokens_to_ids(END) if is_compact(tokenizer) else tokenizer.eos_token_id
 
 
-def count_tokens(tokenizer) -> Callable[[dict], int]:
-    """A token counter for split.py: tokens of one message, cached by the message's content."""
-    cache: dict[str, int] = {}
+class MessageCache:
+    """Each message encoded once: `encode(m)` → (ids, mask) and `count(m)` → len(ids) share one
+    cache keyed by the message's content. split.py counts with `count` and tokenises with
+    `encode`; p and overlap turns repeat across sub-trajectories and contexts, so one cache per
+    dataset or per policy encodes every distinct message once."""
 
-    def count(message: dict) -> int:
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self._ids: dict[str, tuple[list[int], list[int]]] = {}
+
+    def encode(self, message: dict) -> tuple[list[int], list[int]]:
         key = json.dumps(message, sort_keys=True, default=str)
-        n = cache.get(key)
-        if n is None:
-            n = cache[key] = len(encode_message(tokenizer, message)[0])
-        return n
-    return count
+        hit = self._ids.get(key)
+        if hit is None:
+            hit = self._ids[key] = encode_message(self.tokenizer, message)
+        return hit
+
+    def count(self, message: dict) -> int:
+        return len(self.encode(message)[0])
+
+
+def count_tokens(tokenizer, cache: MessageCache | None = None) -> Callable[[dict], int]:
+    """A token counter for split.py: `cache.count` (a new MessageCache when none is given; pass
+    the one whose `encode` tokenises the same messages)."""
+    return (cache or MessageCache(tokenizer)).count
 
 
 def check_message_additive(tokenizer) -> None:

@@ -28,12 +28,15 @@ import torch
 import chat
 import dist
 import split
+from cli import UserError
 from model import (checkpoint_dtype, latest_checkpoint, load_checkpoint, load_model,
                    packed_logprobs, rng_state, save_checkpoint, set_rng_state, _truncate_log)
 
 
 def _chat_example(d: dict, where: str) -> split.Trajectory:
     """A comprehensive-SFT chat example ({"messages": [...]}) as a one-prefix-free trajectory."""
+    if not isinstance(d, dict):
+        raise split.RecordError(f"{where}: expected a JSON object, got {type(d).__name__}")
     if "prefix_len" in d:
         return split.trajectory_from_dict(d, where)
     return split.trajectory_from_dict(
@@ -45,29 +48,29 @@ def load_source(path: str) -> list[split.Trajectory]:
     """Trajectory JSONL, chat JSON/JSONL/parquet, or a saved `datasets` folder."""
     p = Path(path)
     if not p.exists():
-        raise FileNotFoundError(f"--data: {path} does not exist")
-    if p.suffix == ".jsonl" or (p.suffix == ".json" and p.read_text()[:1] != "["):
-        out = []
-        with open(p) as f:
-            for n, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        d = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise split.RecordError(f"{p}:{n}: not valid JSON ({e.msg})") from None
-                    out.append(_chat_example(d, f"{p}:{n}"))
-        return out
+        raise UserError(f"--data {path}: no such file or folder")
+    if p.suffix == ".jsonl" or (p.suffix == ".json" and p.read_bytes()[:1] != b"["):
+        return split.read_records(p, _chat_example)      # every bad line named (RecordError)
     import datasets
     if p.is_dir():
-        ds = datasets.load_from_disk(str(p))
+        try:
+            ds = datasets.load_from_disk(str(p))
+        except FileNotFoundError as e:
+            raise UserError(f"--data {path}: a folder that is not a saved `datasets` dataset") from e
         if isinstance(ds, datasets.DatasetDict):
             ds = ds["train"]
     else:
         kind = {".json": "json", ".parquet": "parquet"}.get(p.suffix)
         if kind is None:
-            raise ValueError(f"--data: {path}: expected .jsonl, .json, .parquet or a folder")
-        ds = datasets.load_dataset(kind, data_files=str(p), split="train")
-    return [_chat_example(dict(r), f"{p}:{i + 1}") for i, r in enumerate(ds)]
+            raise UserError(f"--data {path}: expected .jsonl, .json, .parquet or a folder")
+        try:
+            ds = datasets.load_dataset(kind, data_files=str(p), split="train")
+        except Exception as e:                           # pyarrow/datasets: many types, one cause
+            raise UserError(f"--data {path}: not a readable {kind} file ({' '.join(str(e).split())[:200]})") from e
+    out = [_chat_example(dict(r), f"{p}:{i + 1}") for i, r in enumerate(ds)]
+    if not out:
+        raise UserError(f"--data {path}: no records")
+    return out
 
 
 def mix_sources(spec: str, seed: int) -> list[split.Trajectory]:
@@ -78,6 +81,8 @@ def mix_sources(spec: str, seed: int) -> list[split.Trajectory]:
         path, _, w = item.strip().rpartition(":") if ":" in item else (item.strip(), "", "1")
         if not path or not _is_float(w):
             path, w = item.strip(), "1"
+        if not float(w) > 0 or float(w) == float("inf"):
+            raise UserError(f"--data {item.strip()}: expected a weight > 0 after the last ':'")
         parts.append((load_source(path), float(w)))
     total, wsum = sum(len(s) for s, _ in parts), sum(w for _, w in parts)
     quota = [total * w / wsum for _, w in parts]
@@ -103,7 +108,8 @@ def _is_float(s: str) -> bool:
 
 def build_rows(trajs: list[split.Trajectory], tok, cfg) -> list[list[split.TokenizedSub]]:
     """Split every trajectory (split.py), tokenise, and group sub-trajectories into rows."""
-    count, encode = chat.count_tokens(tok), split.cached_encoder(tok)
+    cache = chat.MessageCache(tok)               # each message encoded once
+    count, encode = cache.count, cache.encode
     subs = []
     for t in trajs:
         subs += [split.tokenize(s, encode) for s in split.split_trajectory(t, count, cfg.split)]

@@ -31,9 +31,10 @@ L_max) and `mode="window"` (sliding windows without the pinned prefix, the minia
 arm), and packing `[p | C₁W₁ | C₂W₂ | …]` with doc/segment ids (docs/ARCHITECTURE.md, "Packing with a
 shared prefix"; beyond the paper).
 
-Token counts come from a `count(message) -> int` function (chat.count_tokens for a real
-tokenizer); encoding is message-additive (chat.py), so a sub-trajectory's length is the sum of its
-messages' counts. Dimension letters: B rows, T tokens per row.
+Token counts come from a `count(message) -> int` function and ids from an `encode(message)`
+function; for a real tokenizer both come from one chat.MessageCache (`.count`, `.encode`), so
+every message is encoded once. Encoding is message-additive (chat.py), so a sub-trajectory's
+length is the sum of its messages' counts. Dimension letters: B rows, T tokens per row.
 """
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ import bisect
 import json
 import re
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -90,67 +91,143 @@ class SubTrajectory:
 
 
 class RecordError(ValueError):
-    """A malformed trajectory record: names the file, line and field."""
+    """A malformed trajectory record or file: one line naming the file, the line and every bad
+    field (`load_jsonl` reports every bad line, `trajectory_from_dict` every bad field)."""
 
 
 _ROLES = {"system", "user", "assistant", "tool"}
+MAX_REPORTED = 20     # bad fields/lines listed in one RecordError (the rest are counted)
 
 
-def _check_messages(messages, where: str) -> None:
+def _message_problems(messages) -> list[str]:
     if not isinstance(messages, list):
-        raise RecordError(f"{where}: field 'messages': expected a list of chat messages")
+        return ["field 'messages': expected a list of chat messages"]
+    bad = []
     for k, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in _ROLES:
-            raise RecordError(f"{where}: field 'messages[{k}].role': expected one of "
-                              f"{sorted(_ROLES)}, got {m.get('role') if isinstance(m, dict) else m!r}")
+        if not isinstance(m, dict):
+            bad.append(f"field 'messages[{k}]': expected an object, got {type(m).__name__}")
+            continue
+        role = m.get("role")
+        if not isinstance(role, str) or role not in _ROLES:
+            bad.append(f"field 'messages[{k}].role': expected one of {sorted(_ROLES)}, got {role!r}")
         if not isinstance(m.get("content", ""), (str, type(None))):
-            raise RecordError(f"{where}: field 'messages[{k}].content': expected a string")
-        for c, call in enumerate(m.get("tool_calls") or []):
+            bad.append(f"field 'messages[{k}].content': expected a string")
+        calls = m.get("tool_calls") or []
+        if not isinstance(calls, list):
+            bad.append(f"field 'messages[{k}].tool_calls': expected a list")
+            continue
+        for c, call in enumerate(calls):
             if not isinstance(call, dict) or not isinstance(call.get("function"), dict) \
-                    or "name" not in call["function"]:
-                raise RecordError(f"{where}: field 'messages[{k}].tool_calls[{c}].function.name': "
-                                  "expected {'function': {'name': ..., 'arguments': ...}}")
+                    or not isinstance(call["function"].get("name"), str):
+                bad.append(f"field 'messages[{k}].tool_calls[{c}].function.name': "
+                           "expected {'function': {'name': ..., 'arguments': ...}}")
+    return bad
+
+
+def _sample_problems(samples) -> list[str]:
+    if not isinstance(samples, list):
+        return ["field 'samples': expected a list"]
+    bad = []
+    for k, s in enumerate(samples):
+        if not isinstance(s, dict):
+            bad.append(f"field 'samples[{k}]': expected an object")
+            continue
+        for name in ("message_index", "context_ids", "action_ids", "logprobs"):
+            if name not in s:
+                bad.append(f"field 'samples[{k}].{name}' is missing")
+        for name in ("context_ids", "action_ids"):
+            if name in s and not (isinstance(s[name], list) and all(
+                    isinstance(x, int) and not isinstance(x, bool) for x in s[name])):
+                bad.append(f"field 'samples[{k}].{name}': expected a list of token ids")
+        if "logprobs" in s and not (isinstance(s["logprobs"], list) and all(
+                isinstance(x, (int, float)) and not isinstance(x, bool) for x in s["logprobs"])):
+            bad.append(f"field 'samples[{k}].logprobs': expected a list of numbers")
+        for name in ("message_index", "policy_version"):
+            if name in s and (not isinstance(s[name], int) or isinstance(s[name], bool)):
+                bad.append(f"field 'samples[{k}].{name}': expected int")
+        extra = sorted(set(s) - {f.name for f in fields(Sample)})
+        if extra:
+            bad.append(f"field 'samples[{k}]': unexpected keys {extra}")
+    return bad
+
+
+def _join(where: str, problems: list[str]) -> str:
+    more = len(problems) - MAX_REPORTED
+    return f"{where}: " + "; ".join(problems[:MAX_REPORTED]) + (f"; and {more} more" if more > 0 else "")
 
 
 def trajectory_from_dict(d: dict, where: str = "<record>") -> Trajectory:
-    """Validate one JSON record (docs/ARCHITECTURE.md "Data on disk") into a Trajectory."""
+    """Validate one JSON record (docs/ARCHITECTURE.md "Data on disk") into a Trajectory; a bad
+    record raises one RecordError naming every bad field."""
     if not isinstance(d, dict):
-        raise RecordError(f"{where}: expected a JSON object")
+        raise RecordError(f"{where}: expected a JSON object, got {type(d).__name__}")
+    bad = []
     for name, typ in (("id", str), ("task_id", str), ("prefix_len", int)):
         if name not in d:
-            raise RecordError(f"{where}: field '{name}' is missing")
-        if not isinstance(d[name], typ) or isinstance(d[name], bool):
-            raise RecordError(f"{where}: field '{name}': expected {typ.__name__}, "
-                              f"got {type(d[name]).__name__}")
-    _check_messages(d.get("messages"), where)
-    if not 0 <= d["prefix_len"] <= len(d["messages"]):
-        raise RecordError(f"{where}: field 'prefix_len': expected 0..{len(d['messages'])}, "
-                          f"got {d['prefix_len']}")
-    if d.get("score") is not None and not isinstance(d["score"], (int, float)):
-        raise RecordError(f"{where}: field 'score': expected a number or null")
-    samples = []
-    for k, s in enumerate(d.get("samples") or []):
-        try:
-            samples.append(Sample(**s))
-        except TypeError as e:
-            raise RecordError(f"{where}: field 'samples[{k}]': {e}") from None
+            bad.append(f"field '{name}' is missing")
+        elif not isinstance(d[name], typ) or isinstance(d[name], bool):
+            bad.append(f"field '{name}': expected {typ.__name__}, got {type(d[name]).__name__}")
+    if "messages" not in d:
+        bad.append("field 'messages' is missing")
+    else:
+        bad += _message_problems(d["messages"])
+    if isinstance(d.get("prefix_len"), int) and isinstance(d.get("messages"), list) \
+            and not isinstance(d["prefix_len"], bool) \
+            and not 0 <= d["prefix_len"] <= len(d["messages"]):
+        bad.append(f"field 'prefix_len': expected 0..{len(d['messages'])}, got {d['prefix_len']}")
+    score = d.get("score")
+    if score is not None and (not isinstance(score, (int, float)) or isinstance(score, bool)
+                              or score != score):
+        bad.append("field 'score': expected a number or null")
+    if not isinstance(d.get("meta") or {}, dict):
+        bad.append("field 'meta': expected an object")
+    bad += _sample_problems(d.get("samples") or [])
+    if bad:
+        raise RecordError(_join(where, bad))
     return Trajectory(id=d["id"], task_id=d["task_id"], messages=d["messages"],
                       prefix_len=d["prefix_len"], score=d.get("score"), meta=d.get("meta") or {},
-                      samples=samples)
+                      samples=[Sample(**s) for s in d.get("samples") or []])
+
+
+def read_records(path, parse: Callable[[object, str], object]) -> list:
+    """`parse(record, "FILE:LINE")` for each non-blank line of a JSONL file. A missing file, a
+    file that is not UTF-8 text, lines that are not JSON and records `parse` rejects (RecordError)
+    raise one RecordError naming every bad line (FileNotFoundError, UnicodeDecodeError and
+    JSONDecodeError never reach the caller); an empty file raises one too."""
+    try:
+        raw = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise RecordError(f"{path}: no such file (expected JSONL, one record a line)") from None
+    except IsADirectoryError:
+        raise RecordError(f"{path}: is a folder (expected a JSONL file)") from None
+    out, bad = [], []
+    for n, line in enumerate(raw.split(b"\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            out.append(parse(json.loads(line.decode("utf-8")), f"{path}:{n}"))
+        except UnicodeDecodeError as e:
+            bad.append(f"{path}:{n}: not UTF-8 text (byte {e.start + 1}); is this a binary file?")
+        except json.JSONDecodeError as e:
+            bad.append(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno})")
+        except RecursionError:
+            bad.append(f"{path}:{n}: not valid JSON (nested too deep)")
+        except RecordError as e:
+            bad.append(str(e))
+        if len(bad) > 2 * MAX_REPORTED and not out:
+            break                                          # clearly not this kind of file
+    if bad:
+        more = len(bad) - MAX_REPORTED
+        raise RecordError(" | ".join(bad[:MAX_REPORTED]) + (f" | and {more} more bad lines" if more > 0 else ""))
+    if not out:
+        raise RecordError(f"{path}: no records (expected JSONL, one record a line)")
+    return out
 
 
 def load_jsonl(path) -> list[Trajectory]:
-    out = []
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                d = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise RecordError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
-            out.append(trajectory_from_dict(d, f"{path}:{n}"))
-    return out
+    """The trajectories of a JSONL file (docs/ARCHITECTURE.md "Data on disk"); a bad file raises
+    one RecordError naming every bad line and field (`read_records`)."""
+    return read_records(path, trajectory_from_dict)
 
 
 def save_jsonl(path, trajs: Iterable[Trajectory]) -> None:
@@ -249,10 +326,12 @@ class _Splitter:
     The budgets (resolution 2), with B = L_max − |p| and marker(s) = the most tokens a marker
     `[... k earlier turns omitted ...]` with k ≤ s can take:
 
-        room(s)    = B − reserve − marker(s)          whole overlap turns fit in this
-        history(s) = min(⌊history·B⌋, B − reserve) − marker(s) − |V(s)|     older turns fit in this
+        H          = min(⌊history·B⌋, B − reserve)                     Cᵢ's share
+        room(s)    = min(B − reserve, max(H, 2·overlap)) − marker(s)   the overlap V fits in this
+        history(s) = H − marker(s) − |V(s)|                           older turns fit in this
 
-    both non-increasing in s, which is what makes the truncation progressive (see `context`)."""
+    both non-increasing in s, which is what makes the truncation progressive (see `context`);
+    room(s) leaves Wᵢ at least B − max(H, 2·overlap) tokens."""
 
     def __init__(self, messages: list[dict], prefix_len: int, count: Count, cfg: SplitConfig):
         self.m, self.cfg, self.count = messages, cfg, count
@@ -339,18 +418,22 @@ class _Splitter:
             self._markers.append(max(self._markers[-1], self.count(omitted_marker(k))))
         return self._markers[s]
 
+    def room(self, s: int) -> int:
+        """room(s): tokens the whole turns of V(s) may take (class docstring)."""
+        return min(self.B - self.cfg.reserve, max(self.H, 2 * self.cfg.overlap)) - self.marker(s)
+
     def newest(self, t: int) -> list[tuple[int, dict, int]] | None:
         """Turn t as the newest turn of C(t+1) when it does not fit whole (None when it does):
         cut head+tail by `fitted`, the rule that cuts an over-long turn in a training window, to
-        the history share (at least to its shortest cut)."""
+        room(t+1) (at least to its shortest cut, within B − reserve)."""
         if t not in self._fitted_new:
             s = t + 1
-            room = self.B - self.cfg.reserve - self.marker(s)
+            room = self.room(s)
             if self.turn_tokens(t) <= room:
                 self._fitted_new[t] = None
             else:
-                target = max(self.H - self.marker(s), self.fit_min(t))
-                if target > room:
+                target = max(room, self.fit_min(t))
+                if target > self.B - self.cfg.reserve - self.marker(s):
                     raise SplitError(
                         f"L_max = {self.cfg.context_len} is too small: p ({self.p_tokens} tokens), "
                         f"reserve {self.cfg.reserve} and turn {t} cut to its shortest "
@@ -391,7 +474,7 @@ class _Splitter:
         if s in self._greedy:
             return self._greedy[s]
         cfg = self.cfg
-        room = self.B - cfg.reserve - self.marker(s)
+        room = self.room(s)
         v, v_tok, V = s, 0, []
         cut = self.newest(s - 1)
         if cut is not None:                 # the newest turn always stays, over-long: cut
@@ -576,20 +659,6 @@ def tokenize(sub: SubTrajectory, encode: Encode) -> TokenizedSub:
     return TokenizedSub(sub.traj_id, sub.index, ids, labels, p_tok)
 
 
-def cached_encoder(tokenizer) -> Encode:
-    """chat.encode_message with a cache keyed by the message's content (messages repeat across
-    sub-trajectories: p and overlap turns are encoded once)."""
-    from chat import encode_message
-    cache: dict[str, tuple[list[int], list[int]]] = {}
-
-    def encode(m: dict):
-        key = json.dumps(m, sort_keys=True, default=str)
-        if key not in cache:
-            cache[key] = encode_message(tokenizer, m)
-        return cache[key]
-    return encode
-
-
 # ----------------------------------------------------------------------------- packing
 
 @dataclass
@@ -706,8 +775,14 @@ def stats(trajs: list[Trajectory], count: Count, cfg: SplitConfig, encode: Encod
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(
-        prog="split.py", description="Inspect trajectory splitting (KLong §3.3).")
+    """`split.py stats FILE`; bad input is one line on stderr and exit 2 (cli.run)."""
+    from cli import run
+    return run(_main, argv, user_errors=(RecordError, SplitError), prog="split.py")
+
+
+def _main(argv) -> int:
+    from cli import Parser
+    ap = Parser(prog="split.py", description="Inspect trajectory splitting (KLong §3.3).")
     sub = ap.add_subparsers(dest="cmd", required=True)
     st = sub.add_parser("stats", help="per-trajectory sub-trajectory counts, token totals, "
                                       "supervised fraction and duplication overhead")
@@ -727,12 +802,9 @@ def main(argv=None) -> int:
     else:
         tok = chat.build_tiny_tokenizer()
     cfg = SplitConfig(context_len=a.context, overlap=a.overlap, history=a.history, mode=a.mode)
-    try:
-        trajs = load_jsonl(a.file)
-        rows = stats(trajs, chat.count_tokens(tok), cfg, cached_encoder(tok))
-    except (RecordError, SplitError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    trajs = load_jsonl(a.file)
+    cache = chat.MessageCache(tok)
+    rows = stats(trajs, cache.count, cfg, cache.encode)
     cols = list(rows[0]) if rows else []
     print("  ".join(f"{c:>20}" for c in cols))
     for r in rows:

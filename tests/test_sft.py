@@ -85,8 +85,9 @@ def test_malformed_tool_call_is_a_parse_error():
 def test_labels_select_exactly_the_supervised_assistant_tokens(tok):
     traj = split.trajectory_from_dict(make_trajectory(1, 60, 30, 0.05, 300))
     cfg = split.SplitConfig(context_len=384, overlap=40)
-    encode = split.cached_encoder(tok)
-    for sub in split.split_trajectory(traj, chat.count_tokens(tok), cfg):
+    cache = chat.MessageCache(tok)
+    encode = cache.encode
+    for sub in split.split_trajectory(traj, cache.count, cfg):
         t = split.tokenize(sub, encode)
         assert len(t.input_ids) <= cfg.context_len
         expect = []
@@ -118,8 +119,9 @@ def test_packed_loss_and_gradients_equal_the_separate_subtrajectories(tok, tiny_
     fp32; tolerance 1e-4 relative on the loss and 1e-4 absolute on gradients."""
     trajs = [split.trajectory_from_dict(make_trajectory(s, 40, 40, 0.0, 0, tid=f"t{s}"))
              for s in (2, 3)]
-    cfg = split.SplitConfig(context_len=320, overlap=40)
-    encode, count = split.cached_encoder(tok), chat.count_tokens(tok)
+    cfg = split.SplitConfig(context_len=384, overlap=40)   # p is 199 tokens
+    cache = chat.MessageCache(tok)
+    encode, count = cache.encode, cache.count
     subs = [split.tokenize(x, encode) for t in trajs for x in split.split_trajectory(t, count, cfg)]
     assert len(subs) >= 4
     tiny_model.zero_grad()
@@ -139,7 +141,7 @@ def test_packed_loss_and_gradients_equal_the_separate_subtrajectories(tok, tiny_
 def test_shared_prefix_packing_stores_p_once_per_row(tok):
     traj = split.trajectory_from_dict(make_trajectory(5, 80, 60, 0.0, 0))
     cfg = split.SplitConfig(context_len=480, overlap=40)
-    subs = [split.tokenize(x, split.cached_encoder(tok))
+    subs = [split.tokenize(x, chat.MessageCache(tok).encode)
             for x in split.split_trajectory(traj, chat.count_tokens(tok), cfg)]
     packed = split.pack(subs, 100_000)
     P = subs[0].prefix_tokens
@@ -253,8 +255,8 @@ def test_kernel_attention_path_gives_the_same_logprobs_as_the_mask_path(tok, tin
     sdpa + additive 4D mask path on a packed shared-prefix batch."""
     from kernels.masked_attention import register_hf
     traj = split.trajectory_from_dict(make_trajectory(6, 30, 30, 0.0, 0))
-    subs = [split.tokenize(x, split.cached_encoder(tok)) for x in split.split_trajectory(
-        traj, chat.count_tokens(tok), split.SplitConfig(context_len=320, overlap=40))]
+    subs = [split.tokenize(x, chat.MessageCache(tok).encode) for x in split.split_trajectory(
+        traj, chat.count_tokens(tok), split.SplitConfig(context_len=384, overlap=40))]
     packed = split.pack(subs, 2048, pad_id=tok.pad_token_id)
     with torch.no_grad():
         a = packed_logprobs(tiny_model, packed)

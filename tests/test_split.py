@@ -260,14 +260,17 @@ def test_the_context_holds_the_newest_turn_the_overlap_and_a_marker_for_what_it_
     """Resolution 2 on every τ⁽ⁱ⁾, i > 1: (1) the turn just before Wᵢ is there with its actions
     verbatim, and supervised again exactly when supervise_overlap; (2) the whole turns just
     before Wᵢ hold ≥ `overlap` tokens, unless the next older one would not fit the room
-    B − reserve − marker or the newest turn itself had to be cut; (3) turns after p missing
-    from the context are exactly the oldest ones, announced by one marker that counts them."""
+    min(B − reserve, max(H, 2·overlap)) − marker (split._Splitter) or the newest turn itself had
+    to be cut; (3) turns after p missing from the context are exactly the oldest ones, announced
+    by one marker that counts them."""
     rec, cfg = case
     traj, subs = _split(rec, cfg)
     turn = _turn_of(traj)
     P, L = traj.prefix_len, cfg["context_len"]
     p_tok = _tokens(traj.messages[:P])
-    room = L - p_tok - cfg["reserve"] - word_count(split.omitted_marker(1))
+    B = L - p_tok
+    H = min(int(cfg["history"] * B), B - cfg["reserve"])
+    room = min(B - cfg["reserve"], max(H, 2 * cfg["overlap"])) - word_count(split.omitted_marker(1))
     turns = split.turns_of(traj.messages, P)
     for s, k0 in list(zip(subs, _windows(traj, subs)))[1:]:
         w_turn = turn[s.source[k0]]
