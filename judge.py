@@ -56,6 +56,8 @@ from typing import Callable, Iterator, Mapping, Protocol, Sequence
 import httpx
 from tqdm import tqdm
 
+from cli import Parser, UserError, is_user_error, one_line
+
 NodePath = tuple[int, ...]   # a node's address: child indices from the root; () is the root
 
 CATEGORIES = ("Code Development", "Code Execution", "Result Analysis")
@@ -1094,7 +1096,7 @@ def parse_grader(spec: str, backend: str = "auto") -> LeafGrader:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="judge.py", description=__doc__.split("\n\n")[0])
+    ap = Parser(prog="judge.py", description=__doc__.split("\n\n")[0])   # bad flags: one line, exit 2
     sub = ap.add_subparsers(dest="command", required=True)
     p = sub.add_parser("validate", help="check a rubric.json; print its counts")
     p.add_argument("rubric", type=Path)
@@ -1120,7 +1122,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = sub.add_parser("agree", help="judge agreement: pairs REF JUDGED of graded trees of the "
                                      "same submissions -> macro-F1, Spearman, Kendall")
     p.add_argument("graded", type=Path, nargs="+", metavar="A.json B.json")
-    args = ap.parse_args(argv)
+    try:
+        args = ap.parse_args(argv)
+    except UserError as e:
+        print(f"judge.py: error: {e}", file=sys.stderr)
+        return 2
     try:
         if args.command == "validate":
             result = rubric_stats(load_rubric(args.rubric))
@@ -1149,7 +1155,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.out.write_text(json.dumps(e.graded.to_dict(), indent=4, ensure_ascii=False))
         print(f"judge.py {args.command}: no score: {e}", file=sys.stderr)
         return 2
-    except (RubricError, ValueError, JudgeFailure, JudgeAccessError) as e:
+    except (RubricError, ValueError, UserError, OSError) as e:     # the user's input: exit 2
+        if isinstance(e, OSError) and not is_user_error(e):
+            raise
+        print(f"judge.py {args.command}: {one_line(e)}", file=sys.stderr)
+        return 2
+    except (JudgeFailure, JudgeAccessError) as e:                  # the judge could not score: 1
         print(f"judge.py {args.command}: {e}", file=sys.stderr)
         return 1
     print(json.dumps(result))

@@ -14,14 +14,17 @@ random weights and a BPE tokenizer trained in memory (chat.py).
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
 from dataclasses import dataclass, fields
+from pathlib import Path
 
 import torch
 
 import dist
 import split
-from cli import field_docs
+from cli import Parser, UserError, field_docs, run
 from model import pick_device
 
 
@@ -209,7 +212,7 @@ def _parse_value(typ, text: str):
 
 def parse_args(argv=None) -> tuple[str, Config]:
     docs = field_docs(Config)
-    ap = argparse.ArgumentParser(
+    ap = Parser(
         prog="klong.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="KLong: train agents on tasks longer than their context window "
                     "(factory → trajectory-splitting SFT → progressive RL → eval). Every field of "
@@ -222,16 +225,18 @@ def parse_args(argv=None) -> tuple[str, Config]:
         flag = "--" + f.name.replace("_", "-")
         kind = str(f.type)
         ap.add_argument(flag, dest=f.name, default=None, metavar=kind.upper().split("[")[0],
-                        type=lambda s, t=f.type: _parse_value(t, s),
+                        type=_flag_type(f.type),
                         help=f"{docs.get(f.name, '')} (tiny: {f.default})")
     a = ap.parse_args(argv)
     preset = a.preset or "tiny"
     if preset not in PRESETS:
-        ap.error(f"--preset: expected one of {sorted(PRESETS)}, got {preset!r}")
+        raise UserError(f"--preset {preset!r}: expected one of {sorted(PRESETS)}")
     values = {**PRESETS[preset], "preset": preset}
     values.update({f.name: getattr(a, f.name) for f in fields(Config)
                    if getattr(a, f.name) is not None})
-    return a.stage, Config(**values)
+    cfg = Config(**values)
+    check_config(cfg)
+    return a.stage, cfg
 
 
 # ----------------------------------------------------------------------------- stages
@@ -244,6 +249,61 @@ def main(argv=None) -> int:
                          "only sft and rl are distributed under torchrun")
     torch.manual_seed(cfg.seed)
     try:
+def _flag_type(typ):
+    """The argparse type of a Config field: argparse names it in a bad value's one-line error
+    (`argument --lr: invalid float value: 'abc'`)."""
+    def parse(text: str):
+        return _parse_value(typ, text)
+    parse.__name__ = str(typ).replace("tuple[int, ...]", "comma-separated int").replace(
+        "tuple[float, ...]", "comma-separated float")
+    return parse
+
+
+def check_config(cfg: Config) -> None:
+    """Values no stage can run with raise UserError naming the flag (one line, exit 2)."""
+    def bad(name: str, expected: str):
+        raise UserError(f"--{name.replace('_', '-')} {getattr(cfg, name)!r}: expected {expected}")
+    for f in fields(Config):
+        v = getattr(cfg, f.name)
+        if isinstance(v, float) and not math.isfinite(v):
+            bad(f.name, "a finite number")
+        if isinstance(v, tuple) and any(not math.isfinite(x) or x <= 0 for x in v):
+            bad(f.name, "comma-separated numbers > 0")
+    for name in ("context_len", "pack_len", "sft_steps", "batch_rows", "grad_accum", "save_every",
+                 "n_rollouts", "tasks_per_step", "max_new_tokens", "rollout_workers",
+                 "judge_workers", "seeds", "hidden_size", "layers", "heads", "kv_heads",
+                 "intermediate_size", "vocab_size", "n_tasks", "eval_tasks", "attempts",
+                 "eval_timeout", "judge_retries"):
+        if hasattr(cfg, name) and getattr(cfg, name) < 1:
+            bad(name, "an integer >= 1")
+    for name in ("overlap", "warmup", "seed", "eval_every", "policy_context_len"):
+        if hasattr(cfg, name) and getattr(cfg, name) < 0:
+            bad(name, "an integer >= 0")
+    for name in ("history", "threshold", "judge_max_invalid", "min_end_fraction", "min_lr_ratio"):
+        if hasattr(cfg, name) and not 0 <= getattr(cfg, name) <= 1:
+            bad(name, "a number in [0, 1]")
+    for name in ("lr", "rl_lr", "judge_deadline", "reproduce_timeout"):
+        if hasattr(cfg, name) and getattr(cfg, name) <= 0:
+            bad(name, "a number > 0")
+    if cfg.overlap >= cfg.context_len:
+        bad("overlap", f"fewer tokens than --context-len {cfg.context_len}")
+    if cfg.heads and cfg.hidden_size % cfg.heads or cfg.kv_heads and cfg.heads % cfg.kv_heads:
+        bad("heads", "a divisor of --hidden-size and a multiple of --kv-heads")
+
+
+def check_run_dir(cfg: Config) -> None:
+    """The run directory must be a folder we can write: checked before any work (one line, exit
+    2), not discovered at the first checkpoint."""
+    run = Path(cfg.run_dir)
+    try:
+        run.mkdir(parents=True, exist_ok=True)
+        probe = run / f".write-test-{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"--run-dir {cfg.run_dir}: cannot write there ({e.strerror or e})") from None
+
+
         if stage == "factory":
             import factory
             factory.run_stage(cfg)
@@ -263,3 +323,16 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+    ap.add_argument("--debug", action="store_true",
+                    help="show the traceback of a user error (bad input exits 2 with one line)")
+    """The command line: bad input (a file, a flag, a folder, a full disk) prints one line on
+    stderr and returns 2 (cli.run; --debug shows the traceback); a bug keeps its traceback."""
+    return run(_main, argv, user_errors=(split.RecordError, split.SplitError), prog="klong.py")
+
+
+def _main(argv) -> int:
+    if stage == "rl" and (list(cfg.rl_timeouts) != sorted(cfg.rl_timeouts)
+                          or len(cfg.rl_timeouts) != len(cfg.rl_steps)):
+        raise UserError(f"--rl-timeouts {cfg.rl_timeouts} / --rl-steps {cfg.rl_steps}: expected "
+                        "growing timeouts, as many as there are stage step counts")
+    check_run_dir(cfg)

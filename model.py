@@ -15,7 +15,9 @@ Functions take `cfg`, any object with klong.Config's fields (this module never i
 """
 from __future__ import annotations
 
+import errno
 import json
+import os
 import random
 import shutil
 from pathlib import Path
@@ -26,6 +28,7 @@ import torch
 import chat
 import dist
 import split
+from cli import UserError
 from kernels.fused_loss import token_logprobs
 from kernels.masked_attention import HF_KEY, register_hf
 
@@ -50,10 +53,18 @@ def load_model(cfg, path: str | None = None, for_training: bool = True):
     dtype = getattr(torch, cfg.dtype)
     path = path or cfg.init or (None if cfg.model == "tiny" else cfg.model)
     if path:
+        flag = "--init" if path == cfg.init else "--model" if path == cfg.model else "checkpoint"
         if not Path(path).exists() and cfg.model != path:
-            raise FileNotFoundError(f"checkpoint {path} does not exist")
-        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype)
+            raise UserError(f"{flag} {path}: no such folder (expected a model folder: a stage's "
+                            "final/ or a checkpoint's model/)")
+        if Path(path).is_file() or (Path(path).is_dir() and not (Path(path) / "config.json").exists()):
+            raise UserError(f"{flag} {path}: not a model folder (no config.json; expected a "
+                            "stage's final/ or a checkpoint's model/)")
+        try:
+            tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+            model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype)
+        except (OSError, ValueError) as e:       # offline hub miss, missing weights, bad config
+            raise UserError(f"{flag} {path}: cannot load a model ({' '.join(str(e).split())[:200]})") from e
         if not chat.is_compact(tok):
             chat.check_message_additive(tok)
     else:
@@ -123,13 +134,23 @@ def save_checkpoint(out: Path, model, opt, tok, state: dict, keep: int = 2,
     if dist.is_main():
         shutil.rmtree(tmp, ignore_errors=True)
     dist.barrier()
-    dist.save_sharded(tmp / "dcp", model, opt)
-    if pretrained is not None:
-        dist.export_pretrained(tmp / "model", model, tok, pretrained)
+    try:
+        dist.save_sharded(tmp / "dcp", model, opt)
+        if pretrained is not None:
+            dist.export_pretrained(tmp / "model", model, tok, pretrained)
+        if dist.is_main():
+            tok.save_pretrained(tmp)
+            torch.save(state, tmp / "trainer_state.pt")
+            (tmp / "COMPLETE").write_text("ok")
+    except (OSError, RuntimeError) as e:       # torch reports a full disk as a RuntimeError
+        shutil.rmtree(tmp, ignore_errors=True)
+        full = getattr(e, "errno", None) == errno.ENOSPC or shutil.disk_usage(out).free < 2 ** 20
+        if not (full or isinstance(e, OSError)):
+            raise
+        why = "no space left on device" if full else (getattr(e, "strerror", None) or str(e))
+        raise UserError(f"{ck}: cannot write the checkpoint ({why}); nothing was lost: the run "
+                        f"resumes from the last complete checkpoint in {out}") from e
     if dist.is_main():
-        tok.save_pretrained(tmp)
-        torch.save(state, tmp / "trainer_state.pt")
-        (tmp / "COMPLETE").write_text("ok")
         shutil.rmtree(ck, ignore_errors=True)
         tmp.rename(ck)
         for old in sorted(_checkpoints(out), key=_step_of)[:-keep]:
@@ -166,6 +187,27 @@ def latest_checkpoint(out: Path) -> Path | None:
 def _truncate_log(path: Path, step: int) -> None:
     """On resume, drop log lines of steps after the checkpoint (they will be redone)."""
     if path.exists():
-        keep = [ln for ln in path.read_text().splitlines() if ln.strip()
-                and json.loads(ln).get("step", 0) <= step]
-        path.write_text("".join(ln + "\n" for ln in keep))
+        keep = [ln for ln in path.read_text(errors="replace").splitlines()
+                if _json_or_none(ln) is not None and _json_or_none(ln).get("step", 0) <= step]
+        atomic_write_text(path, "".join(ln + "\n" for ln in keep))   # a torn last line dropped
+
+
+def _json_or_none(line: str):
+    """A log line's object, None for a blank or torn one (a kill in the middle of a write)."""
+    try:
+        d = json.loads(line)
+    except ValueError:
+        return None
+    return d if isinstance(d, dict) else None
+
+
+def atomic_write_text(path, text: str) -> None:
+    """Write a file so that a kill at any moment leaves either the old or the new content:
+    a temporary file beside it, fsync, then rename over it (atomic on POSIX)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

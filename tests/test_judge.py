@@ -352,7 +352,8 @@ def test_cli_validate_prints_counts_and_fails_on_an_invalid_rubric(tmp_path):
     _neg_weight(bad)
     (tmp_path / "bad.json").write_text(json.dumps(bad))
     out = run_cli("validate", tmp_path / "bad.json")
-    assert out.returncode == 1 and out.stdout == ""
+    assert out.returncode == 2 and out.stdout == ""            # a user error (issue 21.1)
+    assert len(out.stderr.strip().splitlines()) == 1
     assert "$.sub_tasks[2]" in out.stderr and "weight" in out.stderr and ">= 0" in out.stderr
 
 

@@ -173,7 +173,7 @@ def test_presets_and_overrides():
     assert (stage, cfg.context_len, cfg.rl_timeouts, cfg.pack) == ("sft", 256, (10, 20), False)
     _, big = klong.parse_args(["--stage", "rl", "--preset", "8gpu"])
     assert big.context_len == 65536 and big.dtype == "bfloat16" and big.preset == "8gpu"
-    with pytest.raises(SystemExit):
+    with pytest.raises(cli.UserError, match="huge"):        # one line, exit 2 (klong.main)
         klong.parse_args(["--stage", "rl", "--preset", "huge"])
 
 

@@ -526,8 +526,9 @@ def test_stats_cli_reports_counts_tokens_and_duplication(tmp_path, capsys):
 def test_stats_cli_names_the_bad_line(tmp_path, capsys):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"id": 1}\n')
-    assert split.main(["stats", str(path)]) == 1
-    assert f"{path}:1" in capsys.readouterr().err
+    assert split.main(["stats", str(path)]) == 2                 # a user error (issue 21.1)
+    err = capsys.readouterr().err
+    assert f"{path}:1" in err and len(err.strip().splitlines()) == 1
 
 
 def test_sliding_window_agent_sees_the_start_of_the_episode_like_its_first_training_window():
