@@ -210,45 +210,6 @@ def _parse_value(typ, text: str):
     return {"int": int, "float": float}.get(typ, str)(text)
 
 
-def parse_args(argv=None) -> tuple[str, Config]:
-    docs = field_docs(Config)
-    ap = Parser(
-        prog="klong.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        description="KLong: train agents on tasks longer than their context window "
-                    "(factory → trajectory-splitting SFT → progressive RL → eval). Every field of "
-                    "the config is a flag; a preset gives the starting values.")
-    ap.add_argument("--stage", required=True, choices=["factory", "sft", "rl", "eval"],
-                    help="factory: synthetic tasks + distilled trajectories; sft: (trajectory-"
-                         "splitting) SFT; rl: progressive RL; eval: score a checkpoint on held-out "
-                         "tasks")
-    for f in fields(Config):
-        flag = "--" + f.name.replace("_", "-")
-        kind = str(f.type)
-        ap.add_argument(flag, dest=f.name, default=None, metavar=kind.upper().split("[")[0],
-                        type=_flag_type(f.type),
-                        help=f"{docs.get(f.name, '')} (tiny: {f.default})")
-    a = ap.parse_args(argv)
-    preset = a.preset or "tiny"
-    if preset not in PRESETS:
-        raise UserError(f"--preset {preset!r}: expected one of {sorted(PRESETS)}")
-    values = {**PRESETS[preset], "preset": preset}
-    values.update({f.name: getattr(a, f.name) for f in fields(Config)
-                   if getattr(a, f.name) is not None})
-    cfg = Config(**values)
-    check_config(cfg)
-    return a.stage, cfg
-
-
-# ----------------------------------------------------------------------------- stages
-
-def main(argv=None) -> int:
-    stage, cfg = parse_args(argv)
-    dist.init(pick_device(cfg).type)             # under torchrun: join the process group
-    if dist.world() > 1 and stage in ("factory", "eval"):
-        raise SystemExit(f"--stage {stage} runs in one process (python klong.py --stage {stage}); "
-                         "only sft and rl are distributed under torchrun")
-    torch.manual_seed(cfg.seed)
-    try:
 def _flag_type(typ):
     """The argparse type of a Config field: argparse names it in a bad value's one-line error
     (`argument --lr: invalid float value: 'abc'`)."""
@@ -304,6 +265,58 @@ def check_run_dir(cfg: Config) -> None:
         raise UserError(f"--run-dir {cfg.run_dir}: cannot write there ({e.strerror or e})") from None
 
 
+def parse_args(argv=None) -> tuple[str, Config]:
+    docs = field_docs(Config)
+    ap = Parser(
+        prog="klong.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="KLong: train agents on tasks longer than their context window "
+                    "(factory → trajectory-splitting SFT → progressive RL → eval). Every field of "
+                    "the config is a flag; a preset gives the starting values.")
+    ap.add_argument("--stage", required=True, choices=["factory", "sft", "rl", "eval"],
+                    help="factory: synthetic tasks + distilled trajectories; sft: (trajectory-"
+                         "splitting) SFT; rl: progressive RL; eval: score a checkpoint on held-out "
+                         "tasks")
+    for f in fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        kind = str(f.type)
+        ap.add_argument(flag, dest=f.name, default=None, metavar=kind.upper().split("[")[0],
+                        type=_flag_type(f.type),
+                        help=f"{docs.get(f.name, '')} (tiny: {f.default})")
+    ap.add_argument("--debug", action="store_true",
+                    help="show the traceback of a user error (bad input exits 2 with one line)")
+    a = ap.parse_args(argv)
+    preset = a.preset or "tiny"
+    if preset not in PRESETS:
+        raise UserError(f"--preset {preset!r}: expected one of {sorted(PRESETS)}")
+    values = {**PRESETS[preset], "preset": preset}
+    values.update({f.name: getattr(a, f.name) for f in fields(Config)
+                   if getattr(a, f.name) is not None})
+    cfg = Config(**values)
+    check_config(cfg)
+    return a.stage, cfg
+
+
+# ----------------------------------------------------------------------------- stages
+
+def main(argv=None) -> int:
+    """The command line: bad input (a file, a flag, a folder, a full disk) prints one line on
+    stderr and returns 2 (cli.run; --debug shows the traceback); a bug keeps its traceback."""
+    return run(_main, argv, user_errors=(split.RecordError, split.SplitError), prog="klong.py")
+
+
+def _main(argv) -> int:
+    stage, cfg = parse_args(argv)
+    if stage == "rl" and (list(cfg.rl_timeouts) != sorted(cfg.rl_timeouts)
+                          or len(cfg.rl_timeouts) != len(cfg.rl_steps)):
+        raise UserError(f"--rl-timeouts {cfg.rl_timeouts} / --rl-steps {cfg.rl_steps}: expected "
+                        "growing timeouts, as many as there are stage step counts")
+    check_run_dir(cfg)
+    dist.init(pick_device(cfg).type)             # under torchrun: join the process group
+    if dist.world() > 1 and stage in ("factory", "eval"):
+        raise SystemExit(f"--stage {stage} runs in one process (python klong.py --stage {stage}); "
+                         "only sft and rl are distributed under torchrun")
+    torch.manual_seed(cfg.seed)
+    try:
         if stage == "factory":
             import factory
             factory.run_stage(cfg)
@@ -323,16 +336,3 @@ def check_run_dir(cfg: Config) -> None:
 
 if __name__ == "__main__":
     sys.exit(main())
-    ap.add_argument("--debug", action="store_true",
-                    help="show the traceback of a user error (bad input exits 2 with one line)")
-    """The command line: bad input (a file, a flag, a folder, a full disk) prints one line on
-    stderr and returns 2 (cli.run; --debug shows the traceback); a bug keeps its traceback."""
-    return run(_main, argv, user_errors=(split.RecordError, split.SplitError), prog="klong.py")
-
-
-def _main(argv) -> int:
-    if stage == "rl" and (list(cfg.rl_timeouts) != sorted(cfg.rl_timeouts)
-                          or len(cfg.rl_timeouts) != len(cfg.rl_steps)):
-        raise UserError(f"--rl-timeouts {cfg.rl_timeouts} / --rl-steps {cfg.rl_steps}: expected "
-                        "growing timeouts, as many as there are stage step counts")
-    check_run_dir(cfg)
