@@ -44,6 +44,7 @@ positions, H hidden, kv key/value heads, hd head dim, V vocabulary.
 from __future__ import annotations
 
 import os
+import random
 import threading
 import weakref
 from collections import OrderedDict
@@ -134,7 +135,7 @@ class _Request:
     context: list[int]
     temperature: float
     max_new_tokens: int
-    gen: torch.Generator
+    rng: random.Random
     action: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     version: int = 0
@@ -247,16 +248,17 @@ class BatchedSampler:
 
     # -- the decode loop
     def _loop(self) -> None:
-        with torch.no_grad():
+        with torch.inference_mode():
             while True:
                 with self._cv:
                     self._cv.wait_for(lambda: self._pending or self._active or self._released
                                       or self._weights)
                     released, self._released = self._released, []
-                    joins = []
-                    if self._weights is None or self._active:
+                    joins, weights = [], None
+                    if self._weights is None:         # new weights wait for a drained batch,
                         joins, self._pending = self._pending, []
-                    weights = self._weights if not self._active else None
+                    elif not self._active:            # and hold requests back until loaded
+                        weights = self._weights
                 for row in released:
                     if row.index is not None:
                         self._owner[row.index], row.index = None, None
@@ -277,7 +279,8 @@ class BatchedSampler:
                     self._active = []
 
     def _load(self, state_dict: dict, version: int) -> None:
-        self.model.load_state_dict(state_dict)
+        with torch.inference_mode(False), torch.no_grad():   # parameters are normal tensors
+            self.model.load_state_dict(state_dict)
         self._store.clear()
         with self._cv:
             self.version, self._weights = version, None
@@ -346,17 +349,24 @@ class BatchedSampler:
         """Sample one token per request from logits (B, V); a finished request is answered.
 
         log π(·|ctx) = log softmax(logits / T) at the sampling temperature (T = 0: argmax, log-probs
-        at T = 1), the behaviour log-probs PPO's ratio r_t divides by."""
-        temps = torch.tensor([q.temperature or 1.0 for q in reqs], device=logits.device)
-        logp = torch.log_softmax(logits / temps[:, None], dim=-1)              # (B, V)
-        greedy = logp.argmax(-1).tolist()
+        at T = 1), the behaviour log-probs PPO's ratio r_t divides by. Sampling by inversion:
+        a_b = min{v : CDF_b(v) > u_b}, u_b ~ U(0, 1) from the episode's own random stream (one
+        batched search instead of B multinomial draws; the CDF in float64)."""
+        dev = logits.device
+        temps = torch.tensor([q.temperature or 1.0 for q in reqs], device=dev)
+        logp = torch.log_softmax(logits / temps[:, None], dim=-1)               # (B, V)
+        cdf = logp.double().exp().cumsum(-1)                                    # (B, V)
+        u = torch.tensor([[q.rng.random()] if q.temperature else [0.0] for q in reqs],
+                         dtype=torch.float64, device=dev)                       # (B, 1)
+        drawn = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp(max=cdf.shape[1] - 1)
+        greedy = torch.tensor([q.temperature == 0 for q in reqs], device=dev)
+        tok = torch.where(greedy, logp.argmax(-1), drawn[:, 0])                 # (B,)
+        lp = logp.gather(1, tok[:, None])[:, 0]
         done = []
-        for b, q in enumerate(reqs):
-            tok = greedy[b] if q.temperature == 0 else \
-                int(torch.multinomial(logp[b].exp(), 1, generator=q.gen))
-            q.action.append(tok)
-            q.logprobs.append(float(logp[b, tok]))
-            end = tok == self._stop or len(q.action) == q.max_new_tokens
+        for q, t, l in zip(reqs, tok.tolist(), lp.tolist()):
+            q.action.append(t)
+            q.logprobs.append(l)
+            end = t == self._stop or len(q.action) == q.max_new_tokens
             if end:
                 q.done.set()
             done.append(end)
@@ -374,8 +384,7 @@ class EpisodePolicy:
         self._replies = OwnReplies(sampler.tokenizer)
         self.count_tokens = self._replies.count_tokens
         self._row = _Row()
-        self._gen = torch.Generator(sampler._device).manual_seed(seed if seed is not None else
-                                                   int.from_bytes(os.urandom(4), "little"))
+        self._rng = random.Random(seed if seed is not None else os.urandom(8))
         self.version = sampler.version
         self.encoded_tokens = 0                       # tokens run through the model for it
         weakref.finalize(self, sampler.release, self._row)
@@ -383,7 +392,7 @@ class EpisodePolicy:
     def act(self, messages: list[dict], tools: list[dict]) -> PolicyReply:
         context = self._replies.context(messages)
         q = self.sampler.submit(_Request(self._row, context, self.temperature,
-                                         self.max_new_tokens, self._gen))
+                                         self.max_new_tokens, self._rng))
         self.encoded_tokens += q.fed
         self.version = q.version
         return PolicyReply(self._replies.reply(q.action),

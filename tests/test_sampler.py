@@ -222,3 +222,22 @@ def test_an_unsupported_architecture_is_refused():
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
     with pytest.raises(SM.Unsupported, match="gpt2"):
         SM.BatchedSampler(model, chat.build_tiny_tokenizer())
+
+
+def test_tokens_are_drawn_from_the_distribution_their_logprobs_state():
+    """Sampling by inversion draws a ~ softmax(logits / T) (frequencies within 4σ over 20,000
+    rows), greedy rows take the argmax, and every log-prob is log softmax(logits / T)[a]."""
+    import random
+    from types import SimpleNamespace
+    logits = torch.tensor([[2.0, 0.5, -1.0, 1.5, 0.0]])
+    n, T = 20_000, 0.8
+    reqs = [SM._Request(SM._Row(), [1], T if k < n else 0.0, 99, random.Random(k))
+            for k in range(n + 3)]
+    done = SM.BatchedSampler._sample(SimpleNamespace(_stop=-1), reqs, logits.expand(n + 3, 5))
+    probs = torch.softmax(logits[0] / T, -1)
+    freq = torch.bincount(torch.tensor([q.action[0] for q in reqs[:n]]), minlength=5) / n
+    assert (freq - probs).abs().max() < 4 * (0.25 / n) ** 0.5
+    assert [q.action[0] for q in reqs[n:]] == [0, 0, 0] and not any(done)
+    logp = torch.log_softmax(logits[0] / T, -1)
+    assert all(abs(q.logprobs[0] - float(logp[q.action[0]])) < 1e-6 for q in reqs[:n])
+    assert abs(reqs[n].logprobs[0] - float(torch.log_softmax(logits[0], -1)[0])) < 1e-6

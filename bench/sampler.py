@@ -1,0 +1,172 @@
+"""Rollout tokens/s: the batched sampler (sampler.py) vs today's per-episode decoding (issue 16).
+
+Same model (the tiny preset: model.load_model on klong.Config()), same synthetic tasks, in one
+process, with N = 1, 4, 8, 16 episodes running at once (threads, as RolloutManager's
+`rollout_workers`):
+
+- per-episode (the anchor, grpo's pre-batching path): each episode has its own agent.LocalPolicy
+  (KV cache kept across turns) and one action is sampled at a time under the shared lock;
+- batched: each episode has a sampler.EpisodePolicy on one BatchedSampler.
+
+Two settings, each rollout tokens/s = sampled action tokens of all N episodes / their wall time:
+- `episodes`: agent.run_episode on the local sandbox, contexts by split.build_context as in RL,
+  `--turns` turns (default 24: the first RL stage); sandbox start-up, tools and context building
+  count for both, so this is what RL sees;
+- `sampler`: the same episode contexts without a sandbox (each observation a fixed short text),
+  so the ratio is the decoders' alone.
+One intra-op thread (torch.set_num_threads(1)) for both, so the ratio is the decoder's, not the
+thread count's.
+
+    python bench/sampler.py            # N = 1, 4, 8, 16; writes bench/results/sampler-cpu.json
+    python bench/sampler.py --quick    # N = 8, 12 turns (≤ 3 min); last line: JSON with "speedup"
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+import agent  # noqa: E402
+import grpo  # noqa: E402
+import klong  # noqa: E402
+import sampler  # noqa: E402
+import sandbox  # noqa: E402
+import split  # noqa: E402
+import synthetic  # noqa: E402
+from model import load_model  # noqa: E402
+
+
+def run_episodes(make_policy, tasks, budget, n: int, backend: str) -> dict:
+    """n episodes at once (episode k on tasks[k % len]); sampled tokens, wall time, turns."""
+    eps = [None] * n
+
+    def one(k):
+        with tempfile.TemporaryDirectory(prefix="klong_bench_") as tmp:
+            eps[k] = agent.run_episode(make_policy(k), tasks[k % len(tasks)], budget,
+                                       backend=backend, submission_out=Path(tmp) / "sub")
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=one, args=(k,)) for k in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    failed = [e.trajectory.meta.get("error") for e in eps if e.failed]
+    if failed:
+        raise SystemExit(f"bench/sampler.py: {len(failed)} episode(s) failed: {failed[0]}")
+    tokens = sum(len(s.action_ids) for e in eps for s in e.trajectory.samples)
+    return {"episodes": n, "tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall,
+            "turns": sum(e.turns for e in eps)}
+
+
+def run_contexts(make_policy, tasks, budget, n: int, _backend: str) -> dict:
+    """n episode loops at once without a sandbox: the same contexts (build_context over a growing
+    history), each observation a fixed short text."""
+    counts, errors = [0] * n, []
+
+    def one(k):
+        try:
+            play(k)
+        except Exception as e:  # noqa: BLE001  (reported below, in the main thread)
+            errors.append(e)
+
+    def play(k):
+        policy, task = make_policy(k), tasks[k % len(tasks)]
+        messages = [{"role": "system", "content": agent.SYSTEM_PROMPT},
+                    {"role": "user", "content": task.instructions}]
+        window = 2
+        for turn in range(budget.max_turns):
+            context, window = split.build_context(messages, 2, window, policy.count_tokens,
+                                                  budget.context)
+            reply = policy.act(context, agent.TOOLS)
+            counts[k] += len(reply.sample.action_ids)
+            messages += [agent._normalise(reply.message, turn), {"role": "user", "content": OBS}]
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=one, args=(k,)) for k in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    if errors:
+        raise SystemExit(f"bench/sampler.py: {len(errors)} episode loop(s) failed: {errors[0]!r}")
+    return {"episodes": n, "tokens": sum(counts), "wall_s": wall, "tokens_per_s": sum(counts) / wall}
+
+
+OBS = "[exit code 1]\nbash: command not found"
+
+
+def measure(model, tok, cfg, tasks, budget, n: int, backend: str, run) -> dict:
+    lock = SimpleNamespace(lock=threading.Lock(), version=0)     # grpo's _LockedPolicy needs these
+    per = run(lambda k: grpo._LockedPolicy(lock, agent.LocalPolicy(
+        model, tok, temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, seed=k)),
+        tasks, budget, n, backend)
+    smp = sampler.BatchedSampler(model, tok)
+    bat = run(lambda k: smp.policy(cfg.temperature, cfg.max_new_tokens, seed=k),
+              tasks, budget, n, backend)
+    bat["mean_batch_rows"] = smp.step_rows / max(smp.steps, 1)
+    r = {"episodes": n, "per_episode": per, "batched": bat,
+         "speedup": bat["tokens_per_s"] / per["tokens_per_s"]}
+    print(f"{'episodes' if run is run_episodes else 'sampler':8s} N={n:2d}: per-episode "
+          f"{per['tokens_per_s']:6.0f} tok/s, batched {bat['tokens_per_s']:6.0f} tok/s "
+          f"(mean {bat['mean_batch_rows']:.1f} rows/step) → {r['speedup']:.2f}×", flush=True)
+    return r
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="N = 8 only, 12 turns (≤ 3 minutes)")
+    ap.add_argument("--episodes", default="1,4,8,16", help="concurrent episodes to measure")
+    ap.add_argument("--turns", type=int, default=24,
+                    help="assistant turns per episode (default: the first RL stage, rl_timeouts[0])")
+    ap.add_argument("--backend", default="local", help="sandbox backend (local | docker | auto)")
+    a = ap.parse_args()
+    torch.set_num_threads(1)
+    ns = [8] if a.quick else [int(x) for x in a.episodes.split(",")]
+    turns = min(a.turns, 12) if a.quick else a.turns
+    cfg = klong.Config()
+    tok, model = load_model(cfg, for_training=False)
+    model.eval().requires_grad_(False)
+    budget = agent.Budget(max_turns=turns, context=cfg.split, reminder_every=0)
+    with tempfile.TemporaryDirectory(prefix="klong_bench_tasks_") as tmp:
+        tasks = [sandbox.load_task(d) for d in
+                 synthetic.make_synthetic_tasks(Path(tmp) / "tasks", 4, seed=cfg.seed)]
+        run_episodes(lambda k: agent.LocalPolicy(model, tok, max_new_tokens=4, seed=k), tasks,
+                     agent.Budget(max_turns=1, reminder_every=0), 1, a.backend)      # warm-up
+        results = {name: [measure(model, tok, cfg, tasks, budget, n, a.backend, run) for n in ns]
+                   for name, run in (("sampler", run_contexts), ("episodes", run_episodes))}
+    at8 = {name: next((r for r in rs if r["episodes"] == 8), None) for name, rs in results.items()}
+    res = {"device": "cpu", "cpu": platform.processor() or platform.machine(),
+           "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+           "python": platform.python_version(), "torch": torch.__version__,
+           "model": {"hidden": cfg.hidden_size, "layers": cfg.layers, "heads": cfg.heads,
+                     "kv_heads": cfg.kv_heads, "vocab": len(tok), "dtype": cfg.dtype},
+           "params": {"turns": turns, "max_new_tokens": cfg.max_new_tokens,
+                      "context_len": cfg.context_len, "temperature": cfg.temperature,
+                      "backend": a.backend, "quick": a.quick},
+           "results": results, "speedup": at8["episodes"] and at8["episodes"]["speedup"],
+           "speedup_sampler": at8["sampler"] and at8["sampler"]["speedup"], "target_speedup": 5.0}
+    if not a.quick:
+        out = ROOT / "bench" / "results" / "sampler-cpu.json"
+        out.write_text(json.dumps(res, indent=2))
+        print(f"wrote {out}")
+    print(json.dumps({"speedup": res["speedup"], "speedup_sampler": res["speedup_sampler"],
+                      "episodes": 8, "tokens_per_s": {
+                          name: {k: r[k]["tokens_per_s"] for k in ("per_episode", "batched")}
+                          for name, r in at8.items() if r}}))
+
+
+if __name__ == "__main__":
+    main()
