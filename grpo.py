@@ -3,18 +3,31 @@ sub-trajectories, PPO-clip + KL. Also the evaluation stage (`klong.py --stage ev
 
 Stages m = 1…M with timeouts T⁽¹⁾ < … < T⁽ᴹ⁾ (paper: 2 h, 4 h, 6 h). In stage m, every task of a
 step gets n rollouts, each forcibly stopped at T⁽ᵐ⁾ and judged as it is; rollout j's code gets the
-reward Q_j = 𝒥(Ĉ_j, 𝒦) (judge.py), and each of its K_j sub-trajectories i gets that reward:
+reward Q_j = 𝒥(Ĉ_j, 𝒦) (judge.py), and each of its sub-trajectories i gets that reward.
 
-    Â_{j,i} = Q_j − 1/(Σ_j' K_j') Σ_j' Σ_i' Q_j'            (group mean over all n·K, no std)
-    L_RL    = − 1/(n·K) Σ_j Σ_i Σ_t min(r_t Â, clip(r_t, 1−ε, 1+ε) Â)  +  β·KL(π_θ ‖ π_ref)
+Symbols. K keeps the paper's meaning, the number of sub-trajectories a trajectory is split into
+(split.py; in RL the paper re-splits each rollout "the same way as in SFT"). Here a rollout's
+sub-trajectories are the contexts its policy actually sampled from (resolution 4): one per run of
+turns whose context only grew, so rollout j has R_j = 1 + (its live-context rebuilds by
+split.build_context) of them, and R_j stands where the paper writes K (R_j differs between
+rollouts; the paper's n·K becomes Σ_j R_j):
+
+    Â_{j,i} = Q_j − 1/(Σ_j' R_j') Σ_j' Σ_i' Q_j'            (group mean over all Σ R, no std)
+    L_RL    = 1/(Σ_j R_j) Σ_j Σ_i Σ_t [ −min(r_t Â, clip(r_t, 1−ε, 1+ε) Â) + β·k3_t ]
     r_t     = π_θ(a_t | τ⁽ⁱ⁾_<t) / π_old(a_t | τ⁽ⁱ⁾_<t)
+
+Where the KL term sits (a departure): the paper writes L_RL = −1/(n·K) Σ Σ Σ min(…) + β·KL(π_θ‖π_ref),
+the KL outside the normaliser. Here β·k3_t is added per action token inside the same sums and
+divided by the same 1/(Σ R) (ppo_kl_loss sums both, rl_update divides once), i.e. β weighs the
+per-token KL summed over a sub-trajectory's actions, averaged over sub-trajectories, exactly like
+the clipped term; the paper does not say how its KL is averaged.
 
 Resolutions where the paper is silent (docs/ARCHITECTURE.md 4-8), each repeated where it is coded:
  4. The sub-trajectories are the contexts the policy actually sampled from, token for token: the
     episode loop builds contexts with split.build_context, and every run of turns whose context
     only grew is one training sequence (no re-tokenisation).
- 5. Every sub-trajectory of rollout j gets Q_j; K_j may differ between rollouts (the paper writes
-    n·K), so the baseline is the K-weighted mean. No std division (flag `std_norm` adds it).
+ 5. Every sub-trajectory of rollout j gets Q_j; R_j may differ between rollouts (the paper writes
+    n·K), so the baseline is the R-weighted mean. No std division (flag `std_norm` adds it).
  6. Failed rollouts (sandbox crash, judge failure after retries) leave the group, counted.
  7. Partial rollouts: the next step's rollouts run while the current ones are judged and while the
     policy trains; every token keeps the behaviour log-prob it was sampled with (π_old in r_t), so
@@ -22,8 +35,9 @@ Resolutions where the paper is silent (docs/ARCHITECTURE.md 4-8), each repeated 
     versions are dropped, counted.
  8. Judging goes through the priority queue as TRAIN jobs (evaluation jobs jump ahead).
 Numerical choices: KL estimator k3 (Schulman): with Δ = log π_ref − log π_θ, KL ≈ e^Δ − Δ − 1
-(alternatives k1 = −Δ, k2 = Δ²/2 are not implemented). Normaliser: the paper's 1/(n·K) per task,
-averaged over the tasks of a step (alternatives: per-token mean as in GRPO/DAPO — not implemented).
+(alternatives k1 = −Δ, k2 = Δ²/2 are not implemented). Normaliser: the paper's 1/(n·K), here
+1/(Σ_j R_j), per task, averaged over the tasks of a step (alternatives: per-token mean as in
+GRPO/DAPO — not implemented).
 """
 from __future__ import annotations
 
@@ -31,10 +45,12 @@ import json
 import math
 import random
 import shutil
+import signal
 import statistics
 import tempfile
 import threading
 import time
+import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -48,27 +64,29 @@ import agent
 import sandbox
 import split
 from sampler import BatchedSampler, Unsupported
-from model import (_truncate_log, checkpoint_dtype, latest_checkpoint, load_checkpoint, load_model,
-                   packed_logprobs, rng_state, save_checkpoint, set_rng_state)
+from model import (_truncate_log, atomic_write_text, checkpoint_dtype, latest_checkpoint,
+                   load_checkpoint, load_model, packed_logprobs, rng_state, save_checkpoint,
+                   set_rng_state)
+from tracking import Tracker
 
 TIMEOUTS = ("max_turns", "max_seconds")      # a rollout stopped by its stage's timeout
 
 # ----------------------------------------------------------------------------- the math (pure)
 
 
-def group_advantages(Q: list[float], K: list[int], std_norm: bool = False) -> list[float]:
-    """Â_j for each rollout j of one task (shared by its K_j sub-trajectories).
+def group_advantages(Q: list[float], R: list[int], std_norm: bool = False) -> list[float]:
+    """Â_j for each rollout j of one task (shared by its R_j sub-trajectories).
 
-    Â_j = Q_j − Σ_j' K_j' Q_j' / Σ_j' K_j'  — the mean over all n·K sub-trajectories (paper).
-    std_norm divides by the K-weighted std (+1e-6): GRPO's variant, off by default (paper).
+    Â_j = Q_j − Σ_j' R_j' Q_j' / Σ_j' R_j'  — the mean over all sub-trajectories (paper: n·K).
+    std_norm divides by the R-weighted std (+1e-6): GRPO's variant, off by default (paper).
     """
-    total = sum(K)
+    total = sum(R)
     if total == 0:
         return [0.0] * len(Q)
-    mean = sum(k * q for k, q in zip(K, Q)) / total
+    mean = sum(k * q for k, q in zip(R, Q)) / total
     adv = [q - mean for q in Q]
     if std_norm:
-        std = math.sqrt(sum(k * a * a for k, a in zip(K, adv)) / total)
+        std = math.sqrt(sum(k * a * a for k, a in zip(R, adv)) / total)
         adv = [a / (std + 1e-6) for a in adv]
     return adv
 
@@ -78,7 +96,7 @@ def ppo_kl_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tens
                 ) -> tuple[torch.Tensor, dict]:
     """Σ_t over masked tokens of −min(r_t Â, clip(r_t, 1−ε, 1+ε) Â) + β·k3(π_θ‖π_ref); all [N].
 
-    Returns the *sum* (the caller applies the 1/(n·K) normaliser) and diagnostics.
+    Returns the *sum* (the caller applies the 1/(n·K) normaliser to both terms) and diagnostics.
     """
     mask = mask.float()
     ratio = torch.exp(logp - old_logp)                                  # r_t
@@ -151,14 +169,37 @@ class Rollout:
     wall_s: float
     judge_wait_s: float
     failed: str = ""
+    disqualified: str = ""      # PaperBench's monitor: scored 0 for this reason (blacklist)
 
     @property
     def min_version(self) -> int:
         return min((s.policy_version for s in self.trajectory.samples), default=0)
 
 
+def screen_groups(groups: list[list[Rollout]], version: int, max_staleness: int
+                  ) -> tuple[list[list[Rollout]], int, int, list[int]]:
+    """Resolutions 6-7: each group without its failed rollouts (no score) and without those
+    sampled more than `max_staleness` policy versions before `version` (staleness = version −
+    the oldest sample's version). Returns the kept groups, the failed and stale-dropped counts,
+    and the staleness of every kept rollout."""
+    kept, dropped, failed, stale = [], 0, 0, []
+    for g in groups:
+        ok = []
+        for r in g:
+            if r.failed or r.score is None:
+                failed += 1                       # resolution 6
+            elif version - r.min_version > max_staleness:
+                dropped += 1                      # resolution 7
+            else:
+                ok.append(r)
+                stale.append(version - r.min_version)
+        kept.append(ok)
+    return kept, failed, dropped, stale
+
+
 def rl_update(model, ref_model, opt, groups: list[list[Rollout]], cfg, pad_id: int) -> dict:
-    """One optimizer step on the groups of a step (L_RL above; 1/(n·K) per task, mean over tasks).
+    """One optimizer step on the groups of a step (L_RL above; 1/(Σ_j R_j) per task, the paper's
+    1/(n·K), KL term included; mean over tasks).
 
     Under torchrun every rank holds all the groups (run_rl broadcasts them) and trains on its share
     of the tasks (dist.share); the normaliser counts the tasks of all ranks and FSDP sums the
@@ -173,8 +214,8 @@ def rl_update(model, ref_model, opt, groups: list[list[Rollout]], cfg, pad_id: i
         real = g is not None
         g = g if real else trainable[0]
         seqs_of = [sampled_subtrajectories(r.trajectory.samples) for r in g]
-        K = [len(s) for s in seqs_of]
-        A = group_advantages([r.score for r in g], K, std_norm=cfg.std_norm)
+        R = [len(s) for s in seqs_of]                 # R_j: 1 + rollout j's context rebuilds
+        A = group_advantages([r.score for r in g], R, std_norm=cfg.std_norm)
         seqs = [s for ss in seqs_of for s in ss]
         adv_of = [a for a, ss in zip(A, seqs_of) for _ in ss]
         batch, index = _as_packed(seqs, pad_id)
@@ -188,14 +229,14 @@ def rl_update(model, ref_model, opt, groups: list[list[Rollout]], cfg, pad_id: i
         dev = logp.device
         loss_sum, d = ppo_kl_loss(logp, flat_old[idx].to(dev), ref_logp, flat_adv[idx].to(dev),
                                   mask.to(dev), cfg.clip_eps, cfg.kl_beta)
-        loss = loss_sum / (sum(K) * len(tasks))                         # 1/(n·K), mean over tasks
+        loss = loss_sum / (sum(R) * len(tasks))                         # 1/(n·K), mean over tasks
         loss.backward()
         if real:
             stats["kl"] += d["kl"]
             stats["clip_frac"] += d["clip_frac"]
             stats["tasks"] += 1
             stats["tokens"] += int(mask.sum())
-            stats["sub_trajectories"] += sum(K)
+            stats["sub_trajectories"] += sum(R)
     gnorm = dist.clip_grad_norm_(model.parameters(), cfg.clip)
     opt.step()
     opt.zero_grad(set_to_none=True)
@@ -268,7 +309,23 @@ def budget_for(cfg, timeout: float) -> "agent.Budget":
     # no time reminders: the factory's trajectories have none, so contexts look like training
     return agent.Budget(max_turns=int(timeout) if turns else None,
                           max_seconds=None if turns else float(timeout), context=cfg.split,
-                          reminder_every=0)
+                          reminder_every=0, min_end_fraction=cfg.min_end_fraction)
+
+
+def judge_options(cfg) -> dict:
+    """grade_submission's options from the Config (the same for RL, evaluation and the factory)."""
+    return {"backend": cfg.sandbox, "code_dev": cfg.judge_code_dev,
+            "max_invalid": cfg.judge_max_invalid, "reproduce_timeout_s": cfg.reproduce_timeout}
+
+
+def make_grader(cfg):
+    return judge.parse_grader(cfg.judge, backend=cfg.sandbox,
+                              backoff=judge.Backoff(attempts=cfg.judge_retries))
+
+
+def make_queue(cfg) -> judge_queue.JudgeQueue:
+    return judge_queue.JudgeQueue(workers=cfg.judge_workers,
+                                  backoff=judge.Backoff(attempts=cfg.judge_retries))
 
 
 class RolloutManager:
@@ -276,7 +333,10 @@ class RolloutManager:
 
     Partial rollouts (resolution 7): `request` returns at once; episodes of later groups run while
     earlier ones are judged and while the trainer works; `wait_groups` returns whole groups.
-    Every judged rollout is appended to `log_path` at once, so a kill loses none.
+    Every judged rollout is appended to `log_path` at once, so a kill loses none; a graceful stop
+    (`stop`) writes the judge jobs that never started to a file, and `resume_pending` submits them
+    again. A judge that refuses our key or model (JudgeAccessError) stops the run (`wait_groups`
+    raises it); any other judge failure drops the rollout, logged (resolution 6).
     """
 
     def __init__(self, shared: SharedPolicy, queue: judge_queue.JudgeQueue, grader, cfg, log_path: Path,
@@ -287,6 +347,8 @@ class RolloutManager:
         self.groups: dict[str, list[Rollout]] = {}
         self.expected: dict[str, int] = {}
         self.pending: list[Future] = []
+        self.resumed: dict[str, int] = {}      # group -> judge jobs resubmitted after a stop
+        self.fatal: BaseException | None = None
         self.lock = threading.Lock()
 
     def restore(self, rollouts: list[Rollout]) -> None:
@@ -297,21 +359,21 @@ class RolloutManager:
         """Start the missing rollouts of a group (idempotent; restored rollouts count)."""
         if group in self.expected:
             return
-        have = len(self.groups.get(group, []))
+        have = len(self.groups.get(group, [])) + self.resumed.get(group, 0)
         self.expected[group] = n
         for k in range(have, n):
             self.pending.append(self.pool.submit(self._one, group, task, timeout, k))
 
     def _episode(self, task, timeout: float, out: Path) -> "agent.Episode":
         return agent.run_episode(self.shared.policy(), task, budget_for(self.cfg, timeout),
-                                   backend=self.cfg.sandbox, submission_out=out)
+                                   backend=self.cfg.sandbox, submission_out=out,
+                                   allow_unisolated=self.cfg.allow_unisolated)
 
-    def _grade(self, task, ep) -> float:
-        return judge.grade_submission(task.dir, ep.submission_dir, self.grader,
-                                      backend=self.cfg.sandbox).score
+    def _grade(self, task, ep) -> "agent.Scored":
+        return agent.score_episode(ep, task, self.grader, **judge_options(self.cfg))
 
     def _one(self, group: str, task, timeout: float, k: int) -> None:
-        out = self.work_dir / f"{group}-{k}"
+        out = self.work_dir / f"{group}-{k}-{uuid.uuid4().hex[:8]}"   # unique across resumes
         t0 = time.perf_counter()
         try:
             ep = self._episode(task, timeout, out)
@@ -325,18 +387,31 @@ class RolloutManager:
                               ep.wall_s, 0.0, failed=ep.stop_reason))
             return
 
+        self._judge(group, task, k, ep, out)
+
+    def _judge(self, group: str, task, k: int, ep: "agent.Episode", out: Path) -> None:
+        """Resolution 8: judged as a TRAIN job; the rollout worker is free for the next episode
+        at once (no idle rollout machines while the judge works: the paper's pipeline fix). The
+        payload is what a resumed run needs to judge it after a graceful stop."""
+        payload = {"group": group, "task_id": task.id, "k": k, "submission": str(out),
+                   "stop_reason": ep.stop_reason, "turns": ep.turns, "wall_s": ep.wall_s,
+                   "tier": ep.tier, "trajectory": asdict(ep.trajectory)}
+
         def judged(job: judge_queue.JudgeJob) -> None:
             try:
-                score, failed = float(job.result()), ""
-            except judge.JudgeFailure as e:                      # resolution 6
-                score, failed = None, f"judge: {e}"
+                s = job.result()
+                score, failed, disqualified = s.score, "", s.disqualified
+            except judge.JudgeAccessError as e:                  # the judge cannot work: stop
+                self.fatal = e
+                return
+            except judge.JudgeFailure as e:                      # resolution 6: dropped, logged
+                score, failed, disqualified = None, f"judge: {e}", ""
             shutil.rmtree(out, ignore_errors=True)
             self._add(Rollout(group, task.id, score, ep.trajectory, ep.stop_reason, ep.turns,
-                              ep.wall_s, job.queue_wait_s, failed))
-        # resolution 8: judged as a TRAIN job; this rollout worker is free for the next episode
-        # at once (no idle rollout machines while the judge works: the paper's pipeline fix)
+                              ep.wall_s, job.queue_wait_s, failed, disqualified))
         self.queue.submit(lambda: self._grade(task, ep), judge_queue.Priority.TRAIN,
-                          deadline_s=600).add_done_callback(judged)
+                          deadline_s=self.cfg.judge_deadline, name=f"{group}-{k}",
+                          payload=payload).add_done_callback(judged)
 
     def _add(self, r: Rollout) -> None:
         with self.lock:
@@ -346,6 +421,8 @@ class RolloutManager:
 
     def wait_groups(self, names: list[str]) -> list[list[Rollout]]:
         while True:
+            if self.fatal is not None:
+                raise self.fatal
             with self.lock:
                 if all(len(self.groups.get(g, [])) >= self.expected.get(g, 0) for g in names):
                     return [list(self.groups.pop(g)) for g in names]
@@ -356,6 +433,44 @@ class RolloutManager:
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
+
+    def stop(self, pending_path: Path) -> int:
+        """A graceful stop: no new episodes (running ones finish and are submitted), running judge
+        jobs finish, and the ones that never started are appended to `pending_path` with their
+        submissions left in work_dir. Returns how many were saved."""
+        self.close()
+        left = self.queue.drain()
+        with open(pending_path, "a") as f:
+            for job in left:
+                f.write(json.dumps(job.payload) + "\n")
+        return len(left)
+
+    def resume_pending(self, pending_path: Path, tasks_by_id: dict, consumed: set[str]) -> int:
+        """Submit again the judge jobs a graceful stop saved (those of groups not yet trained on);
+        they count as started rollouts of their groups. Returns how many."""
+        if not pending_path.exists():
+            return 0
+        n = 0
+        for line in pending_path.read_text().splitlines():
+            p = json.loads(line)
+            if p["group"] in consumed:
+                continue
+            traj = split.trajectory_from_dict(p["trajectory"], f"pending judge job {p['group']}")
+            ep = agent.Episode(traj, p["stop_reason"], p["turns"], p["wall_s"],
+                               Path(p["submission"]), p["tier"])
+            self.resumed[p["group"]] = self.resumed.get(p["group"], 0) + 1
+            self._judge(p["group"], tasks_by_id[p["task_id"]], p["k"], ep, Path(p["submission"]))
+            n += 1
+        pending_path.unlink()
+        return n
+
+
+PENDING = "pending_judge.jsonl"   # judge jobs a graceful stop left, judged on resume
+
+
+def _interrupt(signum, frame) -> None:
+    """SIGTERM stops the run like Ctrl-C does (KeyboardInterrupt): run_rl's graceful stop."""
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def rollout_from_dict(d: dict) -> Rollout:
@@ -398,28 +513,48 @@ def training_tasks(cfg) -> list:
     return [sandbox.load_task(d) for d in sorted(p for p in tdir.iterdir() if p.is_dir())]
 
 
+def shipped_checkpoint(cfg) -> str | None:
+    """cfg.shipped_init (relative paths from the repository), when set and present."""
+    if not cfg.shipped_init:
+        return None
+    path = Path(cfg.shipped_init)
+    path = path if path.is_absolute() else Path(__file__).resolve().parent / path
+    return str(path) if (path / "config.json").exists() else None
+
+
 def _init_path(cfg) -> str | None:
+    """--init, else this run's SFT model, else the shipped tiny SFT checkpoint, else None (fresh)."""
     if cfg.init:
         return cfg.init
     sft = Path(cfg.run_dir) / "sft" / "final"
-    return str(sft) if sft.exists() else None
+    return str(sft) if sft.exists() else shipped_checkpoint(cfg)
 
 
 def plot_rewards(log: list[dict], path: Path) -> None:
-    """Reward by step, coloured by stage (PNG)."""
+    """Reward per step (mean ± std over the step's rollouts), coloured by stage, stage boundaries
+    as dashed lines, and the greedy held-out evaluation points (mean ± SE over tasks) (PNG)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    for m in sorted({r["stage"] for r in log}):
-        recs = [r for r in log if r["stage"] == m]
+    steps = [r for r in log if "reward_mean" in r]
+    evals = [r for r in log if r.get("eval_score") is not None]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for m in sorted({r["stage"] for r in steps}):
+        recs = [r for r in steps if r["stage"] == m]
         ax.errorbar([r["step"] for r in recs], [r["reward_mean"] for r in recs],
                     yerr=[r["reward_std"] for r in recs], marker="o", capsize=3,
-                    label=f"stage {m + 1} (T = {recs[0]['timeout']:g})")
-    ax.set_xlabel("RL step")
-    ax.set_ylabel("judge score Q (mean ± std over rollouts)")
-    ax.set_title("Progressive RL: reward by stage")
-    ax.legend()
+                    label=f"stage {m + 1} (T = {recs[0]['timeout']:g}): rollout reward")
+        if m > 0:                                     # stage m starts after step recs[0] - 1
+            ax.axvline(recs[0]["step"] - 0.5, color="gray", linestyle="--", linewidth=1)
+    if evals:
+        ax.errorbar([r["step"] for r in evals], [r["eval_score"] for r in evals],
+                    yerr=[r.get("eval_se", 0.0) for r in evals], color="black", marker="s",
+                    linestyle=":", capsize=3, label="greedy held-out score (± SE over tasks)")
+    ax.set_xlabel("RL step (0 = before RL)")
+    ax.set_ylabel("judge score")
+    ax.set_ylim(-0.02, 1.05)
+    ax.set_title("Progressive RL: reward by stage, greedy evaluation")
+    ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -433,6 +568,8 @@ def run_rl(cfg) -> Path:
     the judge queue), logs and plots; it broadcasts each step's judged groups, every rank trains
     on its share (rl_update), and the new weights are gathered on rank 0 for its sampler."""
     from tqdm import tqdm
+    t_start = time.perf_counter()
+    sandbox.require_isolation(cfg.sandbox, cfg.allow_unisolated)   # issue 21: no rubric in reach
     out = Path(cfg.run_dir) / "rl"
     out.mkdir(parents=True, exist_ok=True)
     if dist.is_main():
@@ -466,14 +603,29 @@ def run_rl(cfg) -> Path:
     if dist.is_main():
         shared = SharedPolicy(sampler, tok, cfg)
         shared.publish(weights, start)
-        grader = judge.parse_grader(cfg.judge, backend=cfg.sandbox)
-        queue = judge_queue.JudgeQueue(workers=cfg.judge_workers)
-        work = Path(tempfile.mkdtemp(prefix="klong_rl_"))
+        grader = make_grader(cfg)
+        queue = make_queue(cfg)            # training rollouts and --eval-every share it
+        work = out / "submissions"         # kept across a graceful stop: pending judge jobs
+        work.mkdir(exist_ok=True)
         mgr = RolloutManager(shared, queue, grader, cfg, out / "rollouts.jsonl", work)
         if (out / "rollouts.jsonl").exists():
             mgr.restore([r for r in map(rollout_from_dict, map(json.loads,
                          (out / "rollouts.jsonl").read_text().splitlines()))
                          if r.group not in consumed])
+        n = mgr.resume_pending(out / PENDING, {t.id: t for t in tasks}, consumed)
+        if n:
+            print(f"[rl] judging the {n} rollouts a graceful stop left unjudged", flush=True)
+
+    def greedy_eval(step: int, desc: str) -> dict:
+        """The held-out tasks, greedy, judged through this run's queue as EVAL jobs (ahead of
+        the training rollouts' backlog: resolution 8); logged as an evaluation point."""
+        t = task_score(evaluate(shared, held_out, cfg, grader, queue, desc=desc))
+        rec = {"step": step, "eval_score": t["score"], "eval_se": t["se"], "eval_n": t["n"],
+               "eval_unscored": t["unscored"], "eval_end_rate": t["end_rate"],
+               "eval_turns": t["turns"]}
+        tracker.log(rec)
+        log.append(rec)
+        return t
 
     def request(step: Step) -> None:
         for g, t in step.groups:
@@ -486,19 +638,7 @@ def run_rl(cfg) -> Path:
         if nxt is not None and nxt.stage == step.stage:
             request(nxt)                          # partial rollouts: the next step starts now
         groups = mgr.wait_groups([g for g, _ in step.groups])
-        version = shared.version
-        kept, dropped, failed, stale = [], 0, 0, []
-        for g in groups:
-            ok = []
-            for r in g:
-                if r.failed or r.score is None:
-                    failed += 1                       # resolution 6
-                elif version - r.min_version > cfg.max_staleness:
-                    dropped += 1                      # resolution 7
-                else:
-                    ok.append(r)
-                    stale.append(version - r.min_version)
-            kept.append(ok)
+        kept, failed, dropped, stale = screen_groups(groups, shared.version, cfg.max_staleness)
         done = [r for g in kept for r in g]
         rewards = [r.score for r in done] or [0.0]
         return kept, {"reward_mean": statistics.fmean(rewards),
@@ -511,8 +651,18 @@ def run_rl(cfg) -> Path:
 
     log = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()] \
         if (out / "log.jsonl").exists() else []
+    tracker = Tracker(out, cfg.report_to, prefix="rl", main=dist.is_main())
+    held_out = eval_tasks(cfg) if dist.is_main() and (cfg.rl_eval or cfg.eval_every) else []
+    before = next(({"score": r["eval_score"], "se": r["eval_se"], "n": r["eval_n"]}
+                   for r in log if r.get("step") == 0 and "eval_score" in r), None)
+    if dist.is_main() and cfg.rl_eval and before is None:        # the starting policy, once
+        b = greedy_eval(0, "eval before RL")
+        before = {k: b[k] for k in ("score", "se", "n")}
+        print(f"[rl] greedy held-out score before RL: {_fmt(before)}", flush=True)
     bar = tqdm(total=len(steps), initial=start, desc="rl", unit="step", dynamic_ncols=True,
                disable=not dist.is_main())
+    previous = signal.signal(signal.SIGTERM, _interrupt) \
+        if threading.current_thread() is threading.main_thread() else None
     try:
         for step in steps[start:]:
             t0 = time.perf_counter()
@@ -526,8 +676,10 @@ def run_rl(cfg) -> Path:
                 rec = {"step": step.index + 1, "stage": step.stage, "timeout": step.timeout,
                        **info, "step_s": time.perf_counter() - t0, **d}
                 log.append(rec)
-                with open(out / "log.jsonl", "a") as f:
-                    f.write(json.dumps(rec) + "\n")
+                tracker.log(rec)
+                if cfg.eval_every and (step.index + 1) % cfg.eval_every == 0 \
+                        and not (cfg.rl_eval and step.index + 1 == len(steps)):
+                    greedy_eval(step.index + 1, f"eval at step {step.index + 1}")
             save_checkpoint(out, model, opt, tok, {
                 "step": step.index + 1, "rng": rng_state(), "consumed": sorted(consumed),
                 "config": asdict(cfg)}, pretrained=checkpoint_dtype(cfg))
@@ -536,16 +688,40 @@ def run_rl(cfg) -> Path:
             bar.update(1)
             bar.set_postfix(stage=step.stage + 1, reward=f"{info.get('reward_mean', 0):.3f}",
                             kl=f"{d['kl']:.4f}")
+        bar.close()
+        if dist.is_main() and cfg.rl_eval:                      # the trained policy
+            a = greedy_eval(len(steps), "eval after RL")
+            after = {k: a[k] for k in ("score", "se", "n")}
+            plot_rewards(log, out / "reward.png")
     finally:
         bar.close()
-        if dist.is_main():
-            mgr.close()
-            queue.close(cancel_pending=True)
-            shutil.rmtree(work, ignore_errors=True)
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+        if dist.is_main():   # a graceful stop: queued judge jobs are saved, judged on resume
+            saved = mgr.stop(out / PENDING)
+            if saved:
+                print(f"[rl] stopped: {saved} rollouts wait for the judge in {out / PENDING}; "
+                      "they are judged when the run resumes", flush=True)
+            else:
+                shutil.rmtree(work, ignore_errors=True)
+    if dist.is_main() and cfg.rl_eval:
+        wall = time.perf_counter() - t_start
+        atomic_write_text(out / "summary.json", json.dumps(
+            {"before": before, "after": after, "wall_s": wall}, indent=2))
+        print(f"[rl] greedy held-out score ({after['n']} tasks, mean ± SE): "
+              f"before {_fmt(before)} -> after {_fmt(after)}; mean reward per step: "
+              + " ".join(f"{r['reward_mean']:.3f}" for r in log if "reward_mean" in r)
+              + f"; {wall:.0f} s", flush=True)
+    tracker.close()
     final = out / "final"
     dist.export_pretrained(final, model, tok, getattr(torch, cfg.dtype))
-    dist.print0(f"[rl] done: {final}; metrics {out / 'log.jsonl'}, plot {out / 'reward.png'}")
+    dist.print0(f"[rl] done: {final}; metrics {out / 'log.jsonl'}, plot {out / 'reward.png'}"
+                + (f", before/after {out / 'summary.json'}" if cfg.rl_eval else ""))
     return final
+
+
+def _fmt(s: dict | None) -> str:
+    return "none" if s is None or s["score"] is None else f"{s['score']:.3f} ± {s['se']:.3f}"
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -566,19 +742,105 @@ def eval_tasks(cfg) -> list:
 
 
 def _model_to_eval(cfg) -> str | None:
-    """`--model CKPT` (or `--init`), else the run's RL model, else its SFT model."""
+    """`--model CKPT` (or `--init`), else the run's RL model, else its SFT model, else the shipped
+    tiny SFT checkpoint."""
     if cfg.model != "tiny":
         return cfg.model
     for cand in (cfg.init, Path(cfg.run_dir) / "rl" / "final", Path(cfg.run_dir) / "sft" / "final"):
         if cand and Path(cand).exists():
             return str(cand)
-    return None
+    return shipped_checkpoint(cfg)
+
+
+def judged_row(ep: "agent.Episode", task, grader, queue: judge_queue.JudgeQueue, cfg,
+               seed: int) -> dict:
+    """An evaluation episode's row, judged as an EVAL job on `queue` (ahead of any training
+    backlog: resolution 8). score None: no score could be made (a failed episode or a judge
+    failure, in `failed`), reported apart and never averaged as 0; a disqualified run scores 0
+    with its reason."""
+    row = {"seed": seed, "task": task.id, "score": None, "turns": ep.turns, "wall_s": ep.wall_s,
+           "timed_out": ep.stop_reason in TIMEOUTS, "stop_reason": ep.stop_reason,
+           "failed": "", "disqualified": ""}
+    if ep.failed or ep.submission_dir is None:                   # resolution 6
+        row["failed"] = ep.stop_reason
+        return row
+    job = queue.submit(lambda: agent.score_episode(ep, task, grader, **judge_options(cfg)),
+                       judge_queue.Priority.EVAL, deadline_s=cfg.judge_deadline,
+                       name=f"eval-{task.id}-{seed}")
+    try:
+        s = job.result()
+        row.update(score=s.score, disqualified=s.disqualified)
+    except judge.JudgeFailure as e:
+        row["failed"] = f"judge: {e}"
+        print(f"[eval] no score for {task.id} (seed {seed}): {e}", flush=True)
+    return row
+
+
+def evaluate(shared: SharedPolicy, tasks: list, cfg, grader, queue: judge_queue.JudgeQueue,
+             seeds: int = 1, greedy: bool = True, desc: str = "eval") -> list[dict]:
+    """Episodes of the current policy on `tasks` × `seeds` under the evaluation budget, judged as
+    EVAL jobs on `queue`; `rollout_workers` episodes at once on the batched sampler. Rows in
+    (seed, task) order (judged_row); episode k of seed s samples with seed (cfg.seed+s)·100003+k."""
+    from tqdm import tqdm
+    budget = budget_for(cfg, cfg.eval_timeout)
+
+    def episode(seed: int, k: int, task) -> dict:
+        with tempfile.TemporaryDirectory(prefix="klong_eval_") as tmp:
+            policy = shared.policy(greedy=greedy, seed=(cfg.seed + seed) * 100_003 + k)
+            ep = agent.run_episode(policy, task, budget,
+                                   backend=cfg.sandbox, submission_out=Path(tmp) / "sub",
+                                   allow_unisolated=cfg.allow_unisolated)
+            return judged_row(ep, task, grader, queue, cfg, seed)
+
+    with ThreadPoolExecutor(cfg.rollout_workers, thread_name_prefix="eval") as pool:
+        futures = [pool.submit(episode, seed, k, task)
+                   for seed in range(seeds) for k, task in enumerate(tasks)]
+        with tqdm(total=len(futures), desc=desc, unit="episode", dynamic_ncols=True,
+                  leave=False) as bar:
+            rows = []
+            for f in futures:
+                rows.append(f.result())
+                bar.update(1)
+    return rows
+
+
+def task_score(rows: list[dict]) -> dict:
+    """Mean ± standard error over the scored episodes (the evaluation tasks), and their count:
+    the before/after numbers of an RL run. SE = stdev/√n (0 for one episode); unscored episodes
+    (a failed episode or judge) are counted apart, never averaged as 0."""
+    scores = [r["score"] for r in rows if r["score"] is not None]
+    return {"score": statistics.fmean(scores) if scores else None,
+            "se": statistics.stdev(scores) / math.sqrt(len(scores)) if len(scores) > 1 else 0.0,
+            "n": len(scores), "unscored": len(rows) - len(scores),
+            "end_rate": statistics.fmean(r["stop_reason"] == "end_task" for r in rows) if rows else 0.0,
+            "turns": statistics.fmean(r["turns"] for r in rows) if rows else 0.0}
+
+
+def summarize_eval(rows: list[dict], seeds: int) -> dict:
+    """The paper's columns over the scored episodes: score mean ± standard error over the seeds
+    that have a score (a seed's score: the mean over its scored episodes), turns, wall time,
+    timeout and END rates. Unscored episodes and seeds without any score are counted apart."""
+    per_seed = {s: statistics.fmean(sc) for s in range(seeds)
+                if (sc := [r["score"] for r in rows if r["seed"] == s and r["score"] is not None])}
+    means = list(per_seed.values())
+    return {"seeds": seeds,
+            "score_mean": statistics.fmean(means) if means else None,
+            "score_se": statistics.stdev(means) / math.sqrt(len(means)) if len(means) > 1 else 0.0,
+            "scored_seeds": sorted(per_seed), "failed_seeds": [s for s in range(seeds)
+                                                               if s not in per_seed],
+            "unscored": sum(r["score"] is None for r in rows),
+            "disqualified": sum(bool(r.get("disqualified")) for r in rows),
+            "turns": statistics.fmean(r["turns"] for r in rows),
+            "wall_s": statistics.fmean(r["wall_s"] for r in rows),
+            "timeout_rate": statistics.fmean(r["timed_out"] for r in rows),
+            "end_rate": statistics.fmean(r["stop_reason"] == "end_task" for r in rows),
+            "episodes": rows}
 
 
 def run_eval(cfg, greedy: bool = True) -> dict:
     """Run the agent on held-out tasks, judge (EVAL priority), report the paper's columns:
     score mean ± standard error over seeds, assistant turns, wall time, timeout rate."""
-    from tqdm import tqdm
+    sandbox.require_isolation(cfg.sandbox, cfg.allow_unisolated)   # issue 21: no rubric in reach
     out = Path(cfg.run_dir) / "eval"
     out.mkdir(parents=True, exist_ok=True)
     tasks = eval_tasks(cfg)
@@ -586,55 +848,26 @@ def run_eval(cfg, greedy: bool = True) -> dict:
     tok, model = load_model(cfg, path, for_training=False)
     model.eval().requires_grad_(False)
     shared = SharedPolicy(model, tok, cfg)
-    grader = judge.parse_grader(cfg.judge, backend=cfg.sandbox)
-    budget = budget_for(cfg, cfg.eval_timeout)
+    grader = make_grader(cfg)
     if greedy and cfg.seeds > 1:
         print(f"[eval] greedy decoding is deterministic: the {cfg.seeds} seeds repeat the same "
               "episodes (SE 0); for a spread, train and evaluate several seeds (bench/miniature.py)",
               flush=True)
-    def episode(seed: int, k: int, task, queue) -> dict:
-        """One judged episode; `rollout_workers` of them run at once on the batched sampler."""
-        with tempfile.TemporaryDirectory(prefix="klong_eval_") as tmp:
-            policy = shared.policy(greedy=greedy, seed=(cfg.seed + seed) * 100_003 + k)
-            ep = agent.run_episode(policy, task, budget,
-                                   backend=cfg.sandbox, submission_out=Path(tmp) / "sub")
-            job = queue.submit(lambda: judge.grade_submission(
-                task.dir, ep.submission_dir, grader, backend=cfg.sandbox).score,
-                judge_queue.Priority.EVAL, deadline_s=600)
-            try:
-                score = float(job.result())
-            except judge.JudgeFailure as e:
-                score = None
-                print(f"[eval] judge failed on {task.id}: {e}", flush=True)
-        return {"seed": seed, "task": task.id, "score": score, "turns": ep.turns,
-                "wall_s": ep.wall_s, "timed_out": ep.stop_reason in TIMEOUTS,
-                "stop_reason": ep.stop_reason}
 
-    rows = []
-    with judge_queue.JudgeQueue(workers=cfg.judge_workers) as queue, \
-            ThreadPoolExecutor(cfg.rollout_workers, thread_name_prefix="eval") as pool:
-        bar = tqdm(total=cfg.seeds * len(tasks), desc="eval", unit="episode", dynamic_ncols=True)
-        futures = [pool.submit(episode, seed, k, task, queue)
-                   for seed in range(cfg.seeds) for k, task in enumerate(tasks)]
-        for f in futures:                                  # rows in (seed, task) order
-            rows.append(f.result())
-            bar.update(1)
-        bar.close()
-    per_seed = [statistics.fmean([r["score"] for r in rows if r["seed"] == s and r["score"] is not None]
-                                 or [0.0]) for s in range(cfg.seeds)]
-    se = statistics.stdev(per_seed) / math.sqrt(len(per_seed)) if len(per_seed) > 1 else 0.0
-    summary = {"model": path or "fresh tiny model", "tasks": len(tasks), "seeds": cfg.seeds,
-               "score_mean": statistics.fmean(per_seed), "score_se": se,
-               "turns": statistics.fmean(r["turns"] for r in rows),
-               "wall_s": statistics.fmean(r["wall_s"] for r in rows),
-               "timeout_rate": statistics.fmean(r["timed_out"] for r in rows),
-               "end_rate": statistics.fmean(r["stop_reason"] == "end_task" for r in rows),
-               "judge_failures": sum(r["score"] is None for r in rows), "episodes": rows}
+    with make_queue(cfg) as queue:
+        rows = evaluate(shared, tasks, cfg, grader, queue, seeds=cfg.seeds, greedy=greedy)
+    summary = {"model": path or "fresh tiny model", "tasks": len(tasks),
+               **summarize_eval(rows, cfg.seeds)}
     (out / "results.json").write_text(json.dumps(summary, indent=2))
+    score = "no score" if summary["score_mean"] is None else \
+        f"{summary['score_mean']:.3f} ± {summary['score_se']:.3f}"
     md = ("| model | score (mean ± SE over seeds) | assistant turns | wall time (s) | timeout rate "
           "| END rate |\n|---|---|---|---|---|---|\n"
-          f"| {summary['model']} | {summary['score_mean']:.3f} ± {se:.3f} | {summary['turns']:.1f} "
+          f"| {summary['model']} | {score} | {summary['turns']:.1f} "
           f"| {summary['wall_s']:.2f} | {summary['timeout_rate']:.2f} | {summary['end_rate']:.2f} |\n")
+    if summary["unscored"]:   # never averaged in as 0
+        md += (f"\n{summary['unscored']} of {len(rows)} episodes have no score (failed episode or "
+               f"judge); seeds without any score: {summary['failed_seeds'] or 'none'}\n")
     (out / "results.md").write_text(md)
     print(md, flush=True)
     return summary

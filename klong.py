@@ -48,6 +48,11 @@ class Config:
     folder/path (loaded offline: nothing downloads at run time)."""
     init: str = ""
     """Start from this checkpoint folder (e.g. stage-1 SFT output) instead of `model`."""
+    shipped_init: str = "checkpoints/tiny-sft"
+    """RL and eval start from this checkpoint when neither `init` nor RUN_DIR/sft/final exists:
+    the tiny trajectory-splitting SFT model shipped in the repository (how it was made:
+    checkpoints/tiny-sft/README.md); a relative path is taken from the repository. "" = a fresh
+    random model (which solves nothing: reward 0)."""
     hidden_size: int = 128
     """tiny model: hidden width."""
     layers: int = 2
@@ -72,8 +77,9 @@ class Config:
     one [T, H] input per layer: what makes 64K-token rows fit; costs ~one extra forward)."""
 
     # --- trajectory splitting (split.SplitConfig)
-    context_len: int = 512
-    """L_max: tokens per sub-trajectory, and the agent's live context window."""
+    context_len: int = 384
+    """L_max: tokens per sub-trajectory, and the agent's live context window (tiny: synthetic
+    expert trajectories are ~1,770 tokens, ~4.6 × L_max, as the miniature needs: docs/MINIATURE.md)."""
     overlap: int = 48
     """Tokens of whole turns repeated from the previous sub-trajectory."""
     history: float = 0.25
@@ -116,8 +122,8 @@ class Config:
     # --- Research-Factory (factory.FactoryConfig)
     n_tasks: int = 32
     """Synthetic training tasks to generate and distil."""
-    eval_tasks: int = 12
-    """Held-out synthetic tasks for evaluation."""
+    eval_tasks: int = 16
+    """Held-out synthetic tasks for evaluation (and RL's greedy before/after score)."""
     attempts: int = 2
     """Teacher attempts per task (rejection sampling keeps the best)."""
     threshold: float = 0.9
@@ -139,24 +145,36 @@ class Config:
     """n: rollouts per task in a group."""
     tasks_per_step: int = 2
     """Tasks per RL step."""
-    rl_lr: float = 3e-4
+    rl_lr: float = 1e-3
     """RL learning rate (AdamW)."""
     clip_eps: float = 0.2
     """ε of PPO-clip."""
-    std_norm: bool = False
-    """Divide the group advantage by its std (GRPO); off = the paper's Â = Q − mean."""
+    std_norm: bool = True
+    """Divide the group advantage by its std (GRPO); off = the paper's Â = Q − mean. On in tiny (a
+    departure, measured: without it the tiny model's greedy policy did not move in 6 steps, with it
+    it did; README "The main job"), off in 8gpu (the paper)."""
     kl_beta: float = 0.04
     """β of the KL(π_θ‖π_ref) term (k3 estimator)."""
     temperature: float = 1.0
     """Sampling temperature of rollouts (log-probs are taken at the same temperature)."""
-    max_new_tokens: int = 48
-    """Longest action a policy may sample."""
+    max_new_tokens: int = 24
+    """Longest action a policy may sample (tiny: synthetic actions are <= 15 tokens)."""
     max_staleness: int = 1
     """Partial rollouts: drop rollouts sampled more than this many policy versions ago."""
-    rollout_workers: int = 2
-    """Rollouts in flight at once (partial rollouts start while the policy trains)."""
+    rollout_workers: int = 8
+    """Episodes in flight at once (rollouts, evaluation); they decode together on the batched
+    sampler, and partial rollouts start while the policy trains."""
     judge_workers: int = 2
     """Judge queue worker threads."""
+    rl_eval: bool = True
+    """RL: the greedy held-out score (mean ± SE over the `eval_tasks` tasks) before the first step
+    and after the last, printed and written to rl/summary.json (off in 8gpu: use --stage eval)."""
+    report_to: str = "none"
+    """Also write every scalar of log.jsonl to a tracker: none or tensorboard (RUN_DIR/<stage>/
+    tensorboard; `tensorboard --logdir RUN_DIR`)."""
+    eval_every: int = 0
+    """Evaluate on the held-out tasks every N RL steps (0: never); their judge jobs go through the
+    RL run's judge queue at EVAL priority, ahead of the training rollouts (resolution 8)."""
 
     # --- evaluation and back-ends
     tasks: str = ""
@@ -165,12 +183,32 @@ class Config:
     """Evaluation: seeds (repeats) per task."""
     eval_timeout: int = 68
     """Evaluation budget per episode (same unit as rl_timeout_unit)."""
-    sandbox: str = "auto"
-    """Sandbox backend: auto (docker if an engine answers, else local), local or docker."""
+    min_end_fraction: float = 0.5
+    """KLong's scaffold guard: end_task is refused before this share of an episode's budget is
+    used (RL, evaluation, the factory's teacher). The paper bans early ends without a number."""
+    policy_context_len: int = 0
+    """Endpoint policies (openai:MODEL@URL): the context they are sent is built by split's
+    context builder to this many tokens (about 4 characters a token); 0 = context_len."""
+    sandbox: str = "local"
+    """Sandbox backend: local (namespaces or bubblewrap: milliseconds a command; tiny), docker
+    (8gpu) or auto (docker if an engine answers and has the image, else local)."""
     allow_unisolated: bool = False
     """RL/eval: allow the plain sandbox tier, which cannot hide the host (the agent could read its rubric)."""
     judge: str = "check"
     """Leaf grader: check (executable checks), openai:MODEL@URL or hf:PATH."""
+    judge_max_invalid: float = 0.10
+    """A judgment whose invalid leaves hold more than this share of the rubric's weight is no
+    judgment: the rollout is dropped and logged (resolution 6), never scored 0."""
+    judge_deadline: float = 600.0
+    """Seconds a judge job may take from its submission; the queue fails it after."""
+    judge_retries: int = 4
+    """Tries of each judge endpoint call, and of a judge job that found the endpoint down."""
+    judge_code_dev: bool = False
+    """PaperBench's Code-Dev variant: grade Code Development leaves only, never reproduce. Off:
+    reproduce.sh runs in a fresh sandbox before judging when Code Execution / Result Analysis
+    leaves are graded from evidence (judge.needs_reproduction)."""
+    reproduce_timeout: float = 3600.0
+    """Seconds reproduce.sh may run in the reproduction before judging."""
 
     @property
     def split(self) -> split.SplitConfig:
@@ -194,7 +232,7 @@ PRESETS: dict[str, dict] = {
                  rl_timeouts=(7200, 14400, 21600), rl_steps=(50, 50, 50), rl_timeout_unit="seconds",
                  n_rollouts=8, tasks_per_step=8, rl_lr=1e-6, max_new_tokens=8192,
                  rollout_workers=64, judge_workers=32, seeds=3, eval_timeout=43200,
-                 sandbox="docker"),
+                 sandbox="docker", shipped_init="", std_norm=False, rl_eval=False),
 }
 
 
@@ -246,6 +284,8 @@ def check_config(cfg: Config) -> None:
     for name in ("lr", "rl_lr", "judge_deadline", "reproduce_timeout"):
         if hasattr(cfg, name) and getattr(cfg, name) <= 0:
             bad(name, "a number > 0")
+    if cfg.report_to not in ("none", "tensorboard"):
+        bad("report_to", "none or tensorboard")
     if cfg.overlap >= cfg.context_len:
         bad("overlap", f"fewer tokens than --context-len {cfg.context_len}")
     if cfg.heads and cfg.hidden_size % cfg.heads or cfg.kv_heads and cfg.heads % cfg.kv_heads:

@@ -4,7 +4,7 @@ Data (`--data PATH[:WEIGHT],...`): trajectory JSONL, chat JSON/JSONL/parquet or 
 folder, mixed by weight; empty = the factory's distilled trajectories. Every trajectory is split
 into sub-trajectories (split.py: τ⁽ⁱ⁾ = p ⊕ C_i ⊕ W_i), tokenised, and packed into rows.
 
-    L_SFT = − Σ_i Σ_t log P_θ(a_t | τ⁽ⁱ⁾_<t)        (sft_step; the log-probs: model.packed_logprobs)
+    L_SFT = − Σ_i Σ_t log P_θ(a_t | τ⁽ⁱ⁾_<t)        (sft_step: model.packed_logprob_sum, fused)
 
 Departures from the paper, each stated where it is coded:
 - the paper's SFT loss is a sum over sub-trajectories; we normalise by the number of supervised
@@ -16,7 +16,6 @@ Functions take `cfg`, any object with klong.Config's fields (this module never i
 """
 from __future__ import annotations
 
-import json
 import math
 import random
 import time
@@ -29,8 +28,9 @@ import chat
 import dist
 import split
 from cli import UserError
+from tracking import Tracker
 from model import (checkpoint_dtype, latest_checkpoint, load_checkpoint, load_model,
-                   packed_logprobs, rng_state, save_checkpoint, set_rng_state, _truncate_log)
+                   packed_logprob_sum, rng_state, save_checkpoint, set_rng_state, _truncate_log)
 
 
 def _chat_example(d: dict, where: str) -> split.Trajectory:
@@ -138,7 +138,7 @@ def sft_step(model, opt, batches: list[split.Packed], clip: float) -> tuple[floa
     n_tok = max(dist.all_reduce_sum(sum(b.n_supervised for b in batches)), 1)
     loss_sum = 0.0
     for b in batches:
-        loss = -packed_logprobs(model, b).sum() / n_tok                  # logp: (B, T)
+        loss = -packed_logprob_sum(model, b) / n_tok                     # fused Σ log π
         loss.backward()
         loss_sum += loss.item()
     gnorm = dist.clip_grad_norm_(model.parameters(), clip)
@@ -185,9 +185,9 @@ def run_sft(cfg) -> Path:
     out = Path(cfg.run_dir) / "sft"
     out.mkdir(parents=True, exist_ok=True)
     resume = latest_checkpoint(out)
+    trajs = mix_sources(cfg.data or default_data(cfg), cfg.seed)   # bad data fails before the model loads
     tok, model = load_model(cfg)
     model = dist.shard(model, cfg)
-    trajs = mix_sources(cfg.data or default_data(cfg), cfg.seed)
     rows = build_rows(trajs, tok, cfg)
     n_sup = sum(sum(1 for y in s.labels if y != split.IGNORE) for r in rows for s in r)
     dist.print0(f"[sft] {len(trajs)} trajectories → {sum(len(r) for r in rows)} sub-trajectories "
@@ -218,7 +218,7 @@ def run_sft(cfg) -> Path:
         return split.pack(subs, cfg.pack_len if cfg.pack else max(len(s.input_ids) for s in subs),
                           pad_id=tok.pad_token_id, share_prefix=cfg.pack)
 
-    log = open(out / "log.jsonl", "a") if dist.is_main() else None
+    tracker = Tracker(out, cfg.report_to, prefix="sft", main=dist.is_main())   # log.jsonl (+ tracker)
     bar = tqdm(total=cfg.sft_steps, initial=step, desc="sft", unit="step", dynamic_ncols=True,
                disable=not dist.is_main())
     while step < cfg.sft_steps:
@@ -236,9 +236,7 @@ def run_sft(cfg) -> Path:
         rec = {"step": step, "loss": round(loss_sum, 5), "lr": sched.get_last_lr()[0],
                "grad_norm": round(float(gnorm), 4), "tokens": tokens, "supervised_tokens": n_tok,
                "tokens_per_s": round(tokens / dt, 1)}
-        if log:
-            log.write(json.dumps(rec) + "\n")
-            log.flush()
+        tracker.log(rec)
         bar.update(1)
         bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{tokens / dt:.0f}")
         if step % cfg.save_every == 0 or step == cfg.sft_steps:
@@ -246,6 +244,7 @@ def run_sft(cfg) -> Path:
                                                    "rng": rng_state(), "config": asdict(cfg)},
                             pretrained=checkpoint_dtype(cfg))
     bar.close()
+    tracker.close()
     final = out / "final"
     dist.export_pretrained(final, model, tok, getattr(torch, cfg.dtype))
     dist.print0(f"[sft] done: {final}")

@@ -198,7 +198,7 @@ def _rl_cmd(run_dir):
             "--hidden-size", "32", "--intermediate-size", "64", "--context-len", "384",
             "--max-new-tokens", "16", "--rl-timeouts", "3,5", "--rl-steps", "2,2",
             "--n-rollouts", "2", "--tasks-per-step", "2", "--n-tasks", "4",
-            "--rollout-workers", "2"]
+            "--rollout-workers", "2", "--rl-eval", "false", "--shipped-init", ""]
 
 
 def test_rl_killed_and_rerun_resumes_with_no_judged_rollout_lost_or_redone(tmp_path):
@@ -234,3 +234,72 @@ def test_rl_killed_and_rerun_resumes_with_no_judged_rollout_lost_or_redone(tmp_p
     assert (out / "reward.png").stat().st_size > 1000
     from transformers import AutoModelForCausalLM
     AutoModelForCausalLM.from_pretrained(out / "final")
+
+
+# ----------------------------------------------------------------------------- exact values
+
+def test_ppo_kl_loss_value_on_a_hand_computed_example():
+    """One live token: r = 0.5/0.25 = 2, Â = 1, ε = 0.2 → −min(2, 1.2) = −1.2; Δ = log 0.25 −
+    log 0.5 = −ln 2 → k3 = 0.5 + ln 2 − 1; β = 0.5. A masked second token changes nothing."""
+    import math
+    ln = math.log
+    loss, d = grpo.ppo_kl_loss(torch.tensor([ln(0.5), 3.0]), torch.tensor([ln(0.25), -9.0]),
+                               torch.tensor([ln(0.25), 5.0]), torch.tensor([1.0, 4.0]),
+                               torch.tensor([True, False]), 0.2, 0.5)
+    k3 = 0.5 + ln(2) - 1
+    assert abs(loss.item() - (-1.2 + 0.5 * k3)) < 1e-6
+    assert abs(d["kl"] - k3) < 1e-6 and d["clip_frac"] == 1.0 and abs(d["ratio"] - 2) < 1e-6
+
+
+def test_staleness_screen_drops_failed_and_too_stale_rollouts_and_counts_them():
+    """Policy version 5, max_staleness 1: staleness = 5 − the oldest sample's version."""
+    fresh, edge = _rollout(1.0, [5]), _rollout(0.0, [4, 5])          # staleness 0 and 1: kept
+    old = _rollout(1.0, [3, 5])                                       # staleness 2: dropped
+    crashed = _rollout(1.0, [5])
+    crashed.failed = "sandbox crash"
+    unjudged = _rollout(None, [5])
+    kept, failed, dropped, stale = grpo.screen_groups(
+        [[fresh, old, crashed], [edge, unjudged]], version=5, max_staleness=1)
+    assert kept == [[fresh], [edge]]
+    assert (failed, dropped, stale) == (2, 1, [0, 1])
+    kept, _, dropped, _ = grpo.screen_groups([[fresh, old, edge]], version=5, max_staleness=2)
+    assert kept == [[fresh, old, edge]] and dropped == 0
+
+
+def test_rl_update_normalises_by_the_subtrajectories_of_each_task_and_averages_tasks():
+    """1/(n·K) on a hand-computed example. The LM head is zero with a trainable bias b = 0 over a
+    2-token vocabulary, so log π(a) = log ½ at every position and ∂ log π(a)/∂b = e_a − ½.
+    Task A: rollout 1 (Q = 1) sampled token 0 in two contexts (R₁ = 2 sub-trajectories),
+    rollout 2 (Q = 0) token 1 once (R₂ = 1): mean 2/3, Â = (1/3, −2/3). Task B: equal rewards,
+    Â = 0. Ratio 1 and π_ref = π_θ, so ∂L/∂b = 1/(ΣR_A · 2 tasks) · Σ_t −Â_t (e_{a_t} − ½)
+    = 1/6 · (−2/3, 2/3) = (−1/9, 1/9); one SGD step at lr 1 gives b = (1/9, −1/9).
+    (A single 1/ΣR over both tasks would give ±2/15, a per-token mean ±1/6.)"""
+    import copy
+    import math
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=2, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=16,
+        tie_word_embeddings=False))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.lm_head.weight.zero_()
+    model.lm_head.bias = torch.nn.Parameter(torch.zeros(2))
+    ref = copy.deepcopy(model)
+    half = math.log(0.5)
+    S = split.Sample
+
+    def rollout(score, samples):
+        return grpo.Rollout("g", "task", score, split.Trajectory("r", "task", [], 0,
+                                                                 samples=samples),
+                            "end_task", len(samples), 0.0, 0.0)
+    task_a = [rollout(1.0, [S(0, [0], [0], [half], 0), S(2, [1], [0], [half], 0)]),
+              rollout(0.0, [S(0, [0], [1], [half], 0)])]
+    task_b = [rollout(0.5, [S(0, [1], [1], [half], 0)]), rollout(0.5, [S(0, [0], [0], [half], 0)])]
+    assert [len(grpo.sampled_subtrajectories(r.trajectory.samples)) for r in task_a] == [2, 1]
+    cfg = klong.Config(clip_eps=0.2, kl_beta=0.1, temperature=1.0, clip=1e9)
+    opt = torch.optim.SGD([model.lm_head.bias], lr=1.0)
+    stats = grpo.rl_update(model, ref, opt, [task_a, task_b], cfg, pad_id=0)
+    assert torch.allclose(model.lm_head.bias.detach(), torch.tensor([1 / 9, -1 / 9]), atol=1e-6)
+    assert stats["sub_trajectories"] == 5 and stats["action_tokens"] == 5
