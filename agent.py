@@ -23,6 +23,7 @@ import logging
 import os
 import posixpath
 import re
+import shlex
 import tempfile
 import time
 import uuid
@@ -522,6 +523,38 @@ class Episode:
         """docs/ARCHITECTURE.md resolution 6: failed rollouts leave the group, they are not scored 0."""
         return self.stop_reason in FAILED
 
+    @property
+    def disqualified(self) -> str:
+        """PaperBench's monitor: a blacklisted resource named beside an access verb in an action
+        or observation disqualifies the run (score 0); this is the reason, "" when clean. A hit
+        whose call the tool layer refused (ours: PaperBench has no refusal) reached nothing and
+        does not disqualify; it stays in meta["blacklist_hits"]."""
+        hits = [h for h in self.trajectory.meta.get("blacklist_hits", []) if not h["refused"]]
+        if not hits:
+            return ""
+        h = hits[0]
+        return (f"blacklist: {h['url']} near `{h['verb']}` in message {h['message_index']}"
+                + (f" (and {len(hits) - 1} more hits)" if len(hits) > 1 else ""))
+
+
+@dataclass
+class Scored:
+    """An episode's score Q as PaperBench gives it: a disqualified run scores 0 with the reason."""
+    score: float
+    disqualified: str = ""        # the monitor's reason; "" when the submission was judged
+    graded: object = None         # judge.GradedNode of the judged submission (None: disqualified)
+
+
+def score_episode(ep: Episode, task: Task, grader, **judge_options) -> Scored:
+    """Q of a finished, non-failed episode: 0 when disqualified (the grader is not called), else
+    judge.grade_submission(task, submission, grader, **judge_options). Raises judge.JudgeFailure
+    (no score: the caller drops or retries the rollout, resolution 6) or judge.JudgeAccessError."""
+    if ep.disqualified:
+        return Scored(0.0, ep.disqualified)
+    import judge
+    graded = judge.grade_submission(task.dir, ep.submission_dir, grader, **judge_options)
+    return Scored(graded.score, "", graded)
+
 
 SYSTEM_PROMPT = """\
 You are an agent working in a Linux sandbox on a long task. Act with one tool call per message:
@@ -536,17 +569,44 @@ def rough_count(message: dict) -> int:
                 + len(json.dumps(message.get("tool_calls") or []))) // 4
 
 
-class _PaperReading:
-    """KLong's mandatory paper reading: the paper counts as read when every line has been shown by
-    read_file_chunk, or a bash/python observation held the whole paper (e.g. `cat`)."""
+PAPER_PATHS = frozenset({f"{PAPER_DIR}/paper.md"})
+READ_PROGRAMS = ("cat", "head", "tail", "nl", "less", "more", "grep", "sed", "wc", "fold")
+_SHELL_SYNTAX = re.compile(r"[;&|<>`$(){}\n\\]")
 
-    def __init__(self, paper: str, paths: set[str]):
+
+def is_paper_read_command(cmd: str) -> bool:
+    """A bash command that only reads the paper: one read-only program (READ_PROGRAMS; sed without
+    -i) on a path ending in paper.md, with no shell syntax (no ;, |, &&, redirection, $(...))."""
+    if _SHELL_SYNTAX.search(cmd):
+        return False
+    try:
+        words = shlex.split(cmd)
+    except ValueError:
+        return False
+    if not words or words[0] not in READ_PROGRAMS:
+        return False
+    if words[0] == "sed" and any(w.startswith(("-i", "--in-place")) or
+                                 (w.startswith("-") and not w.startswith("--") and "i" in w[1:])
+                                 for w in words[1:]):
+        return False
+    return any(posixpath.basename(w) == "paper.md" for w in words[1:])
+
+
+class PaperReading:
+    """KLong's mandatory paper reading, the one rule for the agent's guard, the factory's expert
+    and its simulation. The paper counts as read when every line has been shown by read_file_chunk
+    on the paper, or a bash/python observation held the whole paper (e.g. `cat paper.md` when it
+    is short enough to be shown whole). Before that, only reading tools run, and bash only for a
+    command that just reads the paper (is_paper_read_command); any other call is refused."""
+
+    def __init__(self, paper: str, paths: set[str] | frozenset[str] = PAPER_PATHS):
         self.lines = len(paper.splitlines())
         self.text = clean_output(paper.encode()).strip()
         self.paths, self.seen, self.done = paths, set(), not self.text
 
     def observe(self, name: str, args: dict, observation: str) -> None:
-        if name == "read_file_chunk" and not observation.startswith("Error"):
+        """Count what a call that ran showed of the paper."""
+        if name == "read_file_chunk" and not observation.startswith(("Error", "Refused")):
             if posixpath.normpath(posixpath.join(SUBMISSION, args["file"])) in self.paths:
                 start = args["start_line"]
                 self.seen.update(range(start, min(start + min(args["max_lines"], 50), self.lines + 1)))
@@ -555,13 +615,34 @@ class _PaperReading:
         self.done = self.done or len(self.seen) >= self.lines
 
     def allows(self, name: str, args: dict) -> bool:
-        return self.done or name in READING_TOOLS or (name == "bash" and "paper.md" in args["cmd"])
+        return self.done or name in READING_TOOLS or (name == "bash" and
+                                                      is_paper_read_command(args["cmd"]))
 
     def refusal(self) -> str:
         return (f"Refused: read the paper first. You have read {len(self.seen)} of the "
                 f"{self.lines} lines of {PAPER_DIR}/paper.md; the other tools open once it is read "
                 f"through (read_file_chunk, 50 lines a call; `cat` if it is short enough to be "
                 f"shown whole).")
+
+
+def paper_was_read(messages: list[dict], paper: str,
+                   paths: set[str] | frozenset[str] = PAPER_PATHS) -> bool:
+    """PaperReading replayed over a conversation (or a context built from one: the reading is in
+    the pinned prefix p): each tool observation is matched to its call by tool_call_id."""
+    reading, calls = PaperReading(paper, paths), {}
+    for m in messages:   # a call comes before its observation
+        calls.update((c.get("id"), c["function"]) for c in m.get("tool_calls") or [])
+        call = calls.get(m.get("tool_call_id")) if m.get("role") == "tool" else None
+        if call is None:
+            continue
+        try:
+            args = coerce_arguments(call["name"], call.get("arguments") or {})
+        except ToolError:
+            continue
+        reading.observe(call["name"], args, str(m.get("content") or ""))
+        if reading.done:   # the reading opens the conversation: stop there
+            return True
+    return reading.done
 
 
 def _normalise(message: dict, turn: int) -> dict:
@@ -614,7 +695,7 @@ def run_episode(policy: Policy, task: "Task | str | Path", budget: Budget, backe
                     {"role": "user", "content": here(task.instructions)}]
         prefix_len = window_start = len(messages)
         prefix_done = False
-        paper = _PaperReading(task.paper, {f"{PAPER_DIR}/paper.md", f"{box.home}/paper/paper.md"})
+        paper = PaperReading(task.paper, PAPER_PATHS | {f"{box.home}/paper/paper.md"})
         tools = Toolbox(box, task.blacklist)
 
         def used() -> float:

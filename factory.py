@@ -494,6 +494,16 @@ class FactoryConfig:
     """Turn budget per attempt for non-synthetic tasks; None = no turn limit."""
     grader: str = "check"
     """judge.parse_grader spec: check (executable checks), openai:MODEL@URL or hf:PATH."""
+    min_end_fraction: float = 0.5
+    """KLong's scaffold guard: the teacher's end_task is refused before this share of its budget
+    (klong.Config.min_end_fraction)."""
+    code_dev: bool = False
+    """Judge PaperBench's Code-Dev variant (no reproduction); off: reproduce.sh runs first when the
+    rubric has Code Execution / Result Analysis leaves graded from evidence."""
+    max_invalid: float = 0.10
+    """An attempt whose invalid leaves hold more of the rubric's weight is not judged (failed)."""
+    reproduce_timeout: float = 3600.0
+    """Seconds reproduce.sh may run before judging."""
     tasks: str = ""
     """A folder of existing PaperBench task folders to distil; empty = make synthetic tasks."""
     reminder_every: int = 0
@@ -595,13 +605,17 @@ def attempt_budget(task: sandbox.Task, cfg: FactoryConfig) -> agent.Budget:
         turns = math.ceil(cfg.turn_slack * turns_needed(load_spec(task.dir)))
     except ValueError:
         turns = cfg.max_turns
-    return agent.Budget(max_turns=turns, max_seconds=seconds, reminder_every=cfg.reminder_every)
+    return agent.Budget(max_turns=turns, max_seconds=seconds, reminder_every=cfg.reminder_every,
+                        min_end_fraction=cfg.min_end_fraction)
 
 
 def run_attempt(task: sandbox.Task, teacher: str, cfg: FactoryConfig, attempt: int,
                 grader, backend: str) -> dict:
     """One teacher attempt, judged: its trajectory record with the score Q, or, when the sandbox
-    or the judge failed, a record with score None (docs/ARCHITECTURE.md 6: failed, not scored 0)."""
+    or the judge failed, a record with score None (docs/ARCHITECTURE.md 6: failed, not scored 0).
+    Judged as RL and evaluation judge (agent.score_episode): reproduce.sh first when the rubric
+    needs it, a blacklist hit scores 0 with its reason (meta["disqualified"]); a judge that
+    refuses our key or model (judge.JudgeAccessError) stops the run."""
     record = {"id": f"{task.id}/{attempt}", "task_id": task.id, "score": None,
               "meta": {"teacher": teacher, "attempt": attempt}}
     with tempfile.TemporaryDirectory(prefix="klong_factory_") as tmp:
@@ -616,14 +630,19 @@ def run_attempt(task: sandbox.Task, teacher: str, cfg: FactoryConfig, attempt: i
             log.warning("task %s attempt %d failed: %s", task.id, attempt, traj.meta.get("error"))
             return asdict(traj)
         try:
-            graded = judge.grade_submission(task.dir, episode.submission_dir, grader,
-                                            backend=backend)
-        except (judge.JudgeUnavailable, sandbox.SandboxError) as e:
+            scored = agent.score_episode(episode, task, grader, backend=backend,
+                                         code_dev=cfg.code_dev, max_invalid=cfg.max_invalid,
+                                         reproduce_timeout_s=cfg.reproduce_timeout)
+        except (judge.JudgeFailure, sandbox.SandboxError) as e:
             traj.meta["error"] = f"judge: {type(e).__name__}: {e}"
             log.warning("task %s attempt %d not judged: %s", task.id, attempt, e)
             return asdict(traj)
-    traj.score = graded.score
-    traj.meta["invalid_leaves"] = graded.invalid_leaves()
+    traj.score = scored.score
+    if scored.disqualified:
+        traj.meta["disqualified"] = scored.disqualified
+        log.warning("task %s attempt %d disqualified: %s", task.id, attempt, scored.disqualified)
+    else:
+        traj.meta["invalid_leaves"] = scored.graded.invalid_leaves()
     return asdict(traj)
 
 
@@ -752,7 +771,9 @@ def run_stage(cfg) -> FactorySummary:
     fields) → out_dir run_dir/factory, the expert teacher, the configured sandbox; prints the summary."""
     fc = FactoryConfig(out_dir=Path(cfg.run_dir) / "factory", n_tasks=cfg.n_tasks, seed=cfg.seed,
                        attempts=cfg.attempts, threshold=cfg.threshold, noise=cfg.noise,
-                       flaw=cfg.flaw)
+                       flaw=cfg.flaw, min_end_fraction=cfg.min_end_fraction,
+                       code_dev=cfg.judge_code_dev, max_invalid=cfg.judge_max_invalid,
+                       reproduce_timeout=cfg.reproduce_timeout)
     summary = run_factory(fc, backend=cfg.sandbox)
     print(f"[factory] {summary}", flush=True)
     return summary
@@ -768,7 +789,8 @@ def main(argv: list[str] | None = None) -> int:
     run = sub.add_parser("run", help="make synthetic tasks (or take --tasks) and distil trajectories")
     docs = field_docs(FactoryConfig)
     for f in FactoryConfig.__dataclass_fields__.values():
-        kind = {"int": int, "float": float}.get(str(f.type).split(" |")[0], str)
+        kind = {"int": int, "float": float, "bool": lambda s: s.lower() in ("1", "true", "yes")
+                }.get(str(f.type).split(" |")[0], str)
         if f.name == "m_range":
             run.add_argument("--m-range", type=int, nargs=2, default=f.default, help=docs[f.name])
         else:

@@ -1078,15 +1078,16 @@ def judge_agreement(pairs: Sequence[tuple[GradedNode, GradedNode]]) -> Agreement
 # =================================================================================== 8. CLI
 
 
-def parse_grader(spec: str, backend: str = "auto") -> LeafGrader:
-    """`check` | `openai:MODEL@URL` | `hf:PATH` (a local save_pretrained folder)."""
+def parse_grader(spec: str, backend: str = "auto", backoff: Backoff | None = None) -> LeafGrader:
+    """`check` | `openai:MODEL@URL` (retried with `backoff`) | `hf:PATH` (a local
+    save_pretrained folder)."""
     kind, _, rest = spec.partition(":")
     if spec == "check":
         return CheckGrader(backend)
     if kind == "openai" and "@" in rest:
         model, _, url = rest.partition("@")
         if model and url:
-            return LLMGrader(OpenAIChat(url, model))
+            return LLMGrader(OpenAIChat(url, model, backoff=backoff))
     if kind == "hf" and rest:
         from transformers import AutoModelForCausalLM, AutoTokenizer
         return LLMGrader(HFChat(AutoModelForCausalLM.from_pretrained(rest),

@@ -210,11 +210,6 @@ def expected_action(spec: SyntheticSpec, messages: list[dict]) -> tuple[str, int
     return None
 
 
-def _paper_read(messages: list[dict]) -> bool:
-    return any(m.get("role") == "tool" and m.get("name") == "read_file_chunk"
-               and "Phase r:" in str(m.get("content") or "") for m in messages)
-
-
 def _wrong_action(spec: SyntheticSpec, right: tuple[str, int, str], rng: random.Random
                   ) -> tuple[str, int, str]:
     """A random wrong step: the right kind with a wrong tag or a wrong item. It never names the
@@ -235,7 +230,7 @@ def expert_action(spec: SyntheticSpec, messages: list[dict], rng: random.Random,
     after the right step of an even-numbered item, with probability `flaw` a neutral `step s`.
     """
     n = sum(m.get("role") == "assistant" for m in messages)
-    if not _paper_read(messages):
+    if not agent.paper_was_read(messages, paper_text(spec)):   # the agent's own rule
         return _call("read_file_chunk", {"file": PAPER}, n)     # lines 1-50 by default
     last = next((m for m in reversed(messages) if m.get("role") == "tool"), None)
     just_done = _OK.findall(str(last.get("content") or "")) if last else []
@@ -357,6 +352,7 @@ def simulate_episode(spec: SyntheticSpec, act, max_turns: int) -> split.Trajecto
     messages = [{"role": "system", "content": agent.SYSTEM_PROMPT},
                 {"role": "user", "content": INSTRUCTIONS}]
     prefix_len, done, turns, stop, read = len(messages), {"w": 0, "r": 0}, 0, None, False
+    reading = agent.PaperReading(paper_text(spec))
     while stop is None:
         if turns >= max_turns:
             stop = "max_turns"
@@ -378,8 +374,9 @@ def simulate_episode(spec: SyntheticSpec, act, max_turns: int) -> split.Trajecto
                 raise ValueError(f"simulate: call {name}({args}) is not simulated")
             messages.append({"role": "tool", "tool_call_id": call["id"], "name": name,
                              "content": observation})
-            if name == "read_file_chunk" and not read:      # p ends with the paper reading
-                read, prefix_len = True, len(messages)
+            if not read:   # p ends with the paper reading (the agent's rule)
+                reading.observe(name, agent.coerce_arguments(name, args), observation)
+                read, prefix_len = reading.done, len(messages) if reading.done else prefix_len
             if stop:
                 break
     meta = {"stop_reason": stop, "turns": turns, "paper_read": read, "simulated": True}
