@@ -273,7 +273,8 @@ def test_rl_update_normalises_by_the_subtrajectories_of_each_task_and_averages_t
     rollout 2 (Q = 0) token 1 once (R₂ = 1): mean 2/3, Â = (1/3, −2/3). Task B: equal rewards,
     Â = 0. Ratio 1 and π_ref = π_θ, so ∂L/∂b = 1/(ΣR_A · 2 tasks) · Σ_t −Â_t (e_{a_t} − ½)
     = 1/6 · (−2/3, 2/3) = (−1/9, 1/9); one SGD step at lr 1 gives b = (1/9, −1/9).
-    (A single 1/ΣR over both tasks would give ±2/15, a per-token mean ±1/6.)"""
+    (A single 1/ΣR over both tasks would give ±2/15, a per-token mean ±1/6; std_norm, the tiny
+    preset's default, would scale Â by 1/std.)"""
     import copy
     import math
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -298,7 +299,7 @@ def test_rl_update_normalises_by_the_subtrajectories_of_each_task_and_averages_t
               rollout(0.0, [S(0, [0], [1], [half], 0)])]
     task_b = [rollout(0.5, [S(0, [1], [1], [half], 0)]), rollout(0.5, [S(0, [0], [0], [half], 0)])]
     assert [len(grpo.sampled_subtrajectories(r.trajectory.samples)) for r in task_a] == [2, 1]
-    cfg = klong.Config(clip_eps=0.2, kl_beta=0.1, temperature=1.0, clip=1e9)
+    cfg = klong.Config(clip_eps=0.2, kl_beta=0.1, temperature=1.0, clip=1e9, std_norm=False)
     opt = torch.optim.SGD([model.lm_head.bias], lr=1.0)
     stats = grpo.rl_update(model, ref, opt, [task_a, task_b], cfg, pad_id=0)
     assert torch.allclose(model.lm_head.bias.detach(), torch.tensor([1 / 9, -1 / 9]), atol=1e-6)
