@@ -59,7 +59,7 @@ import judge
 import agent
 import sampler
 import sandbox
-from cli import field_docs
+from cli import Parser, field_docs
 from synthetic import (expert_policy, load_spec, make_synthetic_tasks, turns_needed,
                        write_task_folder)
 
@@ -486,6 +486,8 @@ class FactoryConfig:
     m_range: tuple[int, int] = (24, 32)
     """Synthetic tasks: M, items per phase, uniform in this range (inclusive). A turn costs ~20
     tiny-tokenizer tokens, p ~200: expert trajectories of ~1,450-2,100 tokens, ~4-5.5 × L = 384."""
+    log_words: int = 0
+    """Synthetic tasks: words of log output after each accepted step (observation length)."""
     turn_slack: float = 1.5
     """Synthetic tasks: the teacher's turn budget is turn_slack × turns_needed (2M + 2)."""
     max_hours: float | None = None
@@ -504,6 +506,9 @@ class FactoryConfig:
     """An attempt whose invalid leaves hold more of the rubric's weight is not judged (failed)."""
     reproduce_timeout: float = 3600.0
     """Seconds reproduce.sh may run before judging."""
+    policy_context_len: int = 0
+    """An endpoint teacher's window in tokens (agent.OpenAIPolicy: prompts built to fit it);
+    0: unknown (the whole history, rebuilt smaller when the endpoint says it is too long)."""
     tasks: str = ""
     """A folder of existing PaperBench task folders to distil; empty = make synthetic tasks."""
     reminder_every: int = 0
@@ -590,7 +595,7 @@ def make_teacher(teacher: str, task: sandbox.Task, cfg: FactoryConfig, attempt: 
     kind, _, rest = teacher.partition(":")
     model, _, url = rest.partition("@")
     if kind == "openai" and model and url:
-        return agent.OpenAIPolicy(url, model)
+        return agent.OpenAIPolicy(url, model, context_len=cfg.policy_context_len or None)
     if kind == "hf" and rest:
         batched = _local_sampler(rest)
         return batched.policy(temperature=1.0, seed=seed) if batched else \
@@ -685,7 +690,7 @@ class _Ledger:
 
 
 # Settings that decide what a finished task's records mean: a resume must not change them.
-_RUN_FIELDS = ("seed", "attempts", "threshold", "noise", "flaw", "m_range", "turn_slack",
+_RUN_FIELDS = ("seed", "attempts", "threshold", "noise", "flaw", "m_range", "log_words", "turn_slack",
                "max_hours", "max_turns", "grader", "tasks", "reminder_every")
 
 
@@ -762,7 +767,8 @@ def run_factory(cfg: FactoryConfig, teacher: str = "expert", backend: str = "aut
     if cfg.tasks:
         task_dirs = sorted(p for p in Path(cfg.tasks).iterdir() if (p / "rubric.json").exists())
     else:
-        task_dirs = make_synthetic_tasks(out / "tasks", cfg.n_tasks, cfg.seed, cfg.m_range)
+        task_dirs = make_synthetic_tasks(out / "tasks", cfg.n_tasks, cfg.seed, cfg.m_range,
+                                         cfg.log_words)
     return distill(task_dirs, cfg, teacher=teacher, backend=backend)
 
 
@@ -771,9 +777,11 @@ def run_stage(cfg) -> FactorySummary:
     fields) → out_dir run_dir/factory, the expert teacher, the configured sandbox; prints the summary."""
     fc = FactoryConfig(out_dir=Path(cfg.run_dir) / "factory", n_tasks=cfg.n_tasks, seed=cfg.seed,
                        attempts=cfg.attempts, threshold=cfg.threshold, noise=cfg.noise,
-                       flaw=cfg.flaw, min_end_fraction=cfg.min_end_fraction,
+                       flaw=cfg.flaw, m_range=tuple(int(x) for x in cfg.task_items),
+                       log_words=cfg.task_log_words, min_end_fraction=cfg.min_end_fraction,
                        code_dev=cfg.judge_code_dev, max_invalid=cfg.judge_max_invalid,
-                       reproduce_timeout=cfg.reproduce_timeout)
+                       reproduce_timeout=cfg.reproduce_timeout,
+                       policy_context_len=cfg.policy_context_len)
     summary = run_factory(fc, backend=cfg.sandbox)
     print(f"[factory] {summary}", flush=True)
     return summary
@@ -784,7 +792,8 @@ def run_stage(cfg) -> FactorySummary:
 # ---------------------------------------------------------------------------------------------
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description="Research-Factory: paper tasks and distilled trajectories.")
+    p = Parser(prog="factory.py",               # bad flags: one line, exit 2 (cli.run)
+               description="Research-Factory: paper tasks and distilled trajectories.")
     sub = p.add_subparsers(dest="cmd", required=True)
     run = sub.add_parser("run", help="make synthetic tasks (or take --tasks) and distil trajectories")
     docs = field_docs(FactoryConfig)
@@ -827,4 +836,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from cli import run                  # user errors: one line on stderr, exit 2 (--debug: traceback)
+    raise SystemExit(run(main, prog="factory.py", user_errors=(FileNotFoundError,)))

@@ -509,8 +509,14 @@ def training_tasks(cfg) -> list:
     import synthetic
     tdir = Path(cfg.run_dir) / "factory" / "tasks"
     if not tdir.exists() or not any(tdir.iterdir()):
-        synthetic.make_synthetic_tasks(tdir, cfg.n_tasks, cfg.seed)
+        synthetic.make_synthetic_tasks(tdir, cfg.n_tasks, cfg.seed, *task_sizes(cfg))
     return [sandbox.load_task(d) for d in sorted(p for p in tdir.iterdir() if p.is_dir())]
+
+
+def task_sizes(cfg) -> tuple[tuple[int, int], int]:
+    """The synthetic family's size knobs: (M range, log words after an accepted step)."""
+    lo, hi = cfg.task_items
+    return (int(lo), int(hi)), cfg.task_log_words
 
 
 def shipped_checkpoint(cfg) -> str | None:
@@ -737,7 +743,8 @@ def eval_tasks(cfg) -> list:
         return [sandbox.load_task(d) for d in dirs]
     tdir = Path(cfg.run_dir) / "eval" / "tasks"
     if not tdir.exists():
-        synthetic.make_synthetic_tasks(tdir, cfg.eval_tasks, cfg.seed + 10_000)   # held out
+        synthetic.make_synthetic_tasks(tdir, cfg.eval_tasks, cfg.seed + 10_000,   # held out
+                                       *task_sizes(cfg))
     return [sandbox.load_task(d) for d in sorted(p for p in tdir.iterdir() if p.is_dir())]
 
 

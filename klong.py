@@ -122,6 +122,12 @@ class Config:
     # --- Research-Factory (factory.FactoryConfig)
     n_tasks: int = 32
     """Synthetic training tasks to generate and distil."""
+    task_items: tuple[int, ...] = (24, 32)
+    """Synthetic tasks: M, items per phase, drawn from this range (min, max); a task needs 2M+2
+    assistant turns (docs/MINIATURE.md)."""
+    task_log_words: int = 0
+    """Synthetic tasks: words of log output after each accepted step (observation length: 0 =
+    `w 3 ok`, 5 tokens with its header; each word adds one token)."""
     eval_tasks: int = 16
     """Held-out synthetic tasks for evaluation (and RL's greedy before/after score)."""
     attempts: int = 2
@@ -187,8 +193,9 @@ class Config:
     """KLong's scaffold guard: end_task is refused before this share of an episode's budget is
     used (RL, evaluation, the factory's teacher). The paper bans early ends without a number."""
     policy_context_len: int = 0
-    """Endpoint policies (openai:MODEL@URL): the context they are sent is built by split's
-    context builder to this many tokens (about 4 characters a token); 0 = context_len."""
+    """Endpoint policies (openai:MODEL@URL, e.g. the factory's teacher): their window in tokens;
+    every prompt is built by split's context builder to fit it (about 4 characters a token, tools
+    and answer included). 0: unknown (the whole history; rebuilt smaller on a context-length 400)."""
     sandbox: str = "local"
     """Sandbox backend: local (namespaces or bubblewrap: milliseconds a command; tiny), docker
     (8gpu) or auto (docker if an engine answers and has the image, else local)."""
@@ -275,7 +282,10 @@ def check_config(cfg: Config) -> None:
                  "eval_timeout", "judge_retries"):
         if hasattr(cfg, name) and getattr(cfg, name) < 1:
             bad(name, "an integer >= 1")
-    for name in ("overlap", "warmup", "seed", "eval_every", "policy_context_len"):
+    if len(cfg.task_items) != 2 or cfg.task_items[0] > cfg.task_items[1] or \
+            any(int(x) != x for x in cfg.task_items):
+        bad("task_items", "two integers MIN,MAX with MIN <= MAX")
+    for name in ("overlap", "warmup", "seed", "eval_every", "policy_context_len", "task_log_words"):
         if hasattr(cfg, name) and getattr(cfg, name) < 0:
             bad(name, "an integer >= 0")
     for name in ("history", "threshold", "judge_max_invalid", "min_end_fraction", "min_lr_ratio"):

@@ -58,13 +58,21 @@ class SyntheticSpec:
     tag_w: str      # tag of every phase-1 WRITE
     tag_r: str      # tag of every phase-2 RUN: held only by the prefix
     m: int          # items per phase
+    log_words: int = 0   # observation length knob: words of log output after an accepted step
 
 
-def sample_spec(seed: int, index: int, m_range: tuple[int, int]) -> SyntheticSpec:
-    """Task `index` of the family `seed`: independent of how many tasks are made (resume-safe)."""
+def _log(spec: SyntheticSpec) -> str:
+    """The log output an accepted step prints after `w 3 ok` (" log log …"; "" by default)."""
+    return "".join(" log" for _ in range(spec.log_words))
+
+
+def sample_spec(seed: int, index: int, m_range: tuple[int, int], log_words: int = 0
+                ) -> SyntheticSpec:
+    """Task `index` of the family `seed`: independent of how many tasks are made (resume-safe).
+    The size knobs (M's range, the observation length) leave the tags and task ids unchanged."""
     rng = random.Random(f"klong-synthetic-{seed}-{index}")
     return SyntheticSpec(task_id=f"syn-{seed}-{index:05d}", tag_w=rng.choice(TAGS_W),
-                         tag_r=rng.choice(TAGS_R), m=rng.randint(*m_range))
+                         tag_r=rng.choice(TAGS_R), m=rng.randint(*m_range), log_words=log_words)
 
 
 def paper_text(spec: SyntheticSpec) -> str:
@@ -78,11 +86,13 @@ def step_script(spec: SyntheticSpec) -> str:
     """The environment: bash (starts in milliseconds), state = the files it writes.
 
     Observations (short on purpose: dense loss): `w 3 ok`, `w 10 ok, phase w done`, `r 3 ok`,
-    `r 10 ok, all done`, `w 10 r 4` (status), or `error: …` with exit 1 and no state change.
+    `r 10 ok, all done`, `w 10 r 4` (status), or `error: …` with exit 1 and no state change;
+    `log_words` > 0 appends that many words of log to an accepted step (`w 3 ok log log`).
     State lives in ../submission seen from the script (/home/submission in every sandbox tier).
     """
-    done_w = f'[ "$2" = {spec.m} ] && echo "w $2 ok, phase w done" || echo "w $2 ok"'
-    done_r = f'[ "$2" = {spec.m} ] && echo "r $2 ok, all done" || echo "r $2 ok"'
+    log = _log(spec)
+    done_w = f'[ "$2" = {spec.m} ] && echo "w $2 ok, phase w done{log}" || echo "w $2 ok{log}"'
+    done_r = f'[ "$2" = {spec.m} ] && echo "r $2 ok, all done{log}" || echo "r $2 ok{log}"'
     return f"""#!/bin/bash
 # Environment of synthetic task {spec.task_id} (synthetic.py). Usage: step w I TAG | step r I TAG | step s
 M={spec.m}; TW={spec.tag_w}; TR={spec.tag_r}
@@ -142,11 +152,11 @@ def write_synthetic_task(task_dir: Path, spec: SyntheticSpec) -> Path:
 
 
 def make_synthetic_tasks(out_dir: Path, n: int, seed: int,
-                         m_range: tuple[int, int] = (24, 32)) -> list[Path]:
+                         m_range: tuple[int, int] = (24, 32), log_words: int = 0) -> list[Path]:
     """Tasks 0..n-1 of family `seed` under out_dir/<task_id>/ (another seed: held-out tasks)."""
     out_dir = Path(out_dir)
     return [write_synthetic_task(out_dir / spec.task_id, spec)
-            for spec in (sample_spec(seed, i, m_range) for i in range(n))]
+            for spec in (sample_spec(seed, i, m_range, log_words) for i in range(n))]
 
 
 def turns_needed(spec: SyntheticSpec) -> int:
@@ -329,7 +339,8 @@ def step_observation(spec: SyntheticSpec, done: dict[str, int], cmd: str) -> str
         if args[2] != spec.tag_w:
             return fail("wrong tag")
         done["w"] += 1
-        return f"w {args[1]} ok, phase w done" if args[1] == str(spec.m) else f"w {args[1]} ok"
+        return (f"w {args[1]} ok, phase w done" if args[1] == str(spec.m) else f"w {args[1]} ok") \
+            + _log(spec)
     if case == "r 3":
         if nw != spec.m:
             return fail("phase w first")
@@ -340,7 +351,8 @@ def step_observation(spec: SyntheticSpec, done: dict[str, int], cmd: str) -> str
         if args[2] != spec.tag_r:
             return fail("wrong tag")
         done["r"] += 1
-        return f"r {args[1]} ok, all done" if args[1] == str(spec.m) else f"r {args[1]} ok"
+        return (f"r {args[1]} ok, all done" if args[1] == str(spec.m) else f"r {args[1]} ok") \
+            + _log(spec)
     return fail("usage: step w I TAG, step r I TAG, step s")
 
 
@@ -394,7 +406,7 @@ def simulate_distill(cfg) -> list[split.Trajectory]:
     kept = []
     for index in tqdm(range(cfg.n_tasks), desc="factory (simulated)", unit="task",
                       dynamic_ncols=True):
-        spec = sample_spec(cfg.seed, index, cfg.m_range)
+        spec = sample_spec(cfg.seed, index, cfg.m_range, cfg.log_words)
         tries = []
         for attempt in range(cfg.attempts):
             rng = random.Random(f"expert-{spec.task_id}-{cfg.seed * 1000 + attempt}")

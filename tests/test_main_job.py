@@ -101,3 +101,12 @@ def test_an_unknown_tracker_is_a_one_line_user_error(tmp_path, capsys):
     assert klong.main(["--stage", "rl", "--run-dir", str(tmp_path), "--report-to", "wandb"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--report-to" in err[0] and "tensorboard" in err[0]
+
+
+def test_task_size_flags_reach_the_training_and_held_out_tasks(tmp_path):
+    import synthetic
+    cfg = _cfg(tmp_path, "--task-items", "5,6", "--task-log-words", "2", "--n-tasks", "3",
+               "--eval-tasks", "2")
+    specs = [synthetic.load_spec(t.dir) for t in grpo.training_tasks(cfg) + grpo.eval_tasks(cfg)]
+    assert len(specs) == 5 and all(5 <= s.m <= 6 and s.log_words == 2 for s in specs)
+    assert len({s.task_id for s in specs}) == 5                      # held out: another family
