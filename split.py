@@ -774,8 +774,90 @@ def stats(trajs: list[Trajectory], count: Count, cfg: SplitConfig, encode: Encod
     return rows
 
 
+# ----------------------------------------------------------------------------- show (students)
+
+_PART_STYLE = {               # part -> (label, background colour)
+    "p": ("p: pinned prefix", "#dbe9ff"),
+    "marker": ("omission marker", "#d9d9d9"),
+    "c_cut": ("Cᵢ: older turn, truncated", "#ffe3c2"),
+    "c_whole": ("Cᵢ: context turn, whole (overlap)", "#fff6cc"),
+    "w_action": ("Wᵢ: supervised action", "#c8f0c8"),
+    "w_obs": ("Wᵢ: observation (no loss)", "#eef8ee"),
+}
+
+
+def _part_of(traj: Trajectory, sub: SubTrajectory, k: int, w0: int) -> str:
+    j = sub.source[k]
+    if k < sub.prefix_len:
+        return "p"
+    if j < 0:
+        return "marker"
+    if k < w0:
+        return "c_whole" if sub.messages[k] == traj.messages[j] else "c_cut"
+    return "w_action" if sub.supervised[k] else "w_obs"
+
+
+def render_html(traj: Trajectory, subs: list[SubTrajectory], count: Count,
+                cfg: SplitConfig) -> str:
+    """A self-contained HTML page (inline CSS, no scripts) showing τ⁽¹⁾…τ⁽ᴷ⁾ of one trajectory:
+    every message coloured by its part (p, the marker, Cᵢ truncated / whole, Wᵢ's supervised
+    actions and its observations), a supervised action outside Wᵢ outlined, per-part token
+    counts for each sub-trajectory. Wᵢ starts after the last message of τ⁽ⁱ⁻¹⁾."""
+    from html import escape
+    rows, nxt = [], traj.prefix_len
+    legend = "".join(f'<span class="chip" style="background:{c}">{escape(name)}</span>'
+                     for name, c in _PART_STYLE.values())
+    for sub in subs:
+        w0 = next((k for k, j in enumerate(sub.source) if j >= nxt and k >= sub.prefix_len),
+                  len(sub.messages))
+        nxt = max(sub.source) + 1
+        tokens = {part: 0 for part in _PART_STYLE}
+        cells = []
+        for k, m in enumerate(sub.messages):
+            part = _part_of(traj, sub, k, w0)
+            n = count(m)
+            tokens[part] += n
+            j = sub.source[k]
+            text = str(m.get("content") or "")
+            for call in m.get("tool_calls") or []:
+                args = call["function"].get("arguments") or {}
+                text += f"\n→ {call['function']['name']}({json.dumps(args)})"
+            extra = " trained" if sub.supervised[k] and part != "w_action" else ""
+            cells.append(
+                f'<div class="msg{extra}" style="background:{_PART_STYLE[part][1]}">'
+                f'<div class="meta">{escape(m["role"])} · message {j if j >= 0 else "—"} · '
+                f'{n} tokens{" · supervised" if sub.supervised[k] else ""}</div>'
+                f'<pre>{escape(text)}</pre></div>')
+        total = sum(tokens.values())
+        counts = " · ".join(f'<span class="chip" style="background:{_PART_STYLE[p][1]}">'
+                            f"{escape(_PART_STYLE[p][0].split(':')[0])} {n}</span>"
+                            for p, n in tokens.items() if n)
+        rows.append(f'<section><h2>τ<sup>({sub.index + 1})</sup> — {total} / {cfg.context_len} '
+                    f'tokens</h2><p class="counts">{counts}</p>{"".join(cells)}</section>')
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>split: {escape(traj.id)}</title>
+<style>
+body {{ font: 14px/1.4 system-ui, sans-serif; margin: 24px; color: #222; }}
+section {{ border-top: 2px solid #888; margin-top: 18px; padding-top: 6px; }}
+.msg {{ border-radius: 6px; margin: 4px 0; padding: 4px 8px; }}
+.msg.trained {{ outline: 2px solid #2a8f2a; }}
+.meta {{ font-size: 12px; color: #555; }}
+pre {{ margin: 2px 0 0; white-space: pre-wrap; word-break: break-word; font-size: 12px; }}
+.chip {{ display: inline-block; border-radius: 4px; padding: 1px 6px; margin: 2px; }}
+</style></head><body>
+<h1>{escape(traj.id)}: {len(traj.messages)} messages → K = {len(subs)} sub-trajectories</h1>
+<p>L_max = {cfg.context_len}, overlap {cfg.overlap}, history {cfg.history}, keep {list(cfg.keep)},
+reserve {cfg.reserve}, supervise_overlap {cfg.supervise_overlap}, mode {escape(cfg.mode)}.
+KLong §3.3: τ⁽ⁱ⁾ = p ⊕ Cᵢ ⊕ Wᵢ; the loss is on Wᵢ's actions (split.py, resolutions 1–3).</p>
+<p>{legend}</p>
+{"".join(rows)}
+</body></html>
+"""
+
+
 def main(argv=None) -> int:
-    """`split.py stats FILE`; bad input is one line on stderr and exit 2 (cli.run)."""
+    """`split.py stats FILE` / `split.py show FILE --index N`; bad input is one line on stderr
+    and exit 2 (cli.run)."""
     from cli import run
     return run(_main, argv, user_errors=(RecordError, SplitError), prog="split.py")
 
@@ -786,14 +868,22 @@ def _main(argv) -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
     st = sub.add_parser("stats", help="per-trajectory sub-trajectory counts, token totals, "
                                       "supervised fraction and duplication overhead")
-    st.add_argument("file", help="trajectories JSONL (docs/ARCHITECTURE.md format)")
-    st.add_argument("--context", type=int, default=SplitConfig.context_len, help="L_max in tokens")
-    st.add_argument("--overlap", type=int, default=SplitConfig.overlap, help="overlap tokens")
-    st.add_argument("--history", type=float, default=SplitConfig.history,
-                    help="share of L_max − |p| for the truncated history Cᵢ")
-    st.add_argument("--mode", default="klong", choices=["klong", "none", "window"])
-    st.add_argument("--tokenizer", default=None,
-                    help="a saved tokenizer folder (e.g. a checkpoint); default: the tiny one")
+    sh = sub.add_parser("show", help="one trajectory's sub-trajectories as a self-contained HTML "
+                                     "page: p, Cᵢ (truncated turns, marker), Wᵢ, token counts")
+    sh.add_argument("--index", type=int, default=0, help="which trajectory of the file (from 0)")
+    sh.add_argument("--out", default=None, help="HTML file to write (default: FILE.N.html)")
+    for x in (st, sh):
+        x.add_argument("file", help="trajectories JSONL (docs/ARCHITECTURE.md format)")
+        x.add_argument("--context", type=int, default=SplitConfig.context_len,
+                       help="L_max in tokens")
+        x.add_argument("--overlap", type=int, default=SplitConfig.overlap, help="overlap tokens")
+        x.add_argument("--history", type=float, default=SplitConfig.history,
+                       help="share of L_max − |p| for the truncated history Cᵢ")
+        x.add_argument("--reserve", type=int, default=SplitConfig.reserve,
+                       help="tokens kept free after p ⊕ Cᵢ")
+        x.add_argument("--mode", default="klong", choices=["klong", "none", "window"])
+        x.add_argument("--tokenizer", default=None,
+                       help="a saved tokenizer folder (e.g. a checkpoint); default: the tiny one")
     a = ap.parse_args(argv)
     import chat
     if a.tokenizer:
@@ -801,9 +891,18 @@ def _main(argv) -> int:
         tok = AutoTokenizer.from_pretrained(a.tokenizer)
     else:
         tok = chat.build_tiny_tokenizer()
-    cfg = SplitConfig(context_len=a.context, overlap=a.overlap, history=a.history, mode=a.mode)
+    cfg = SplitConfig(context_len=a.context, overlap=a.overlap, history=a.history, mode=a.mode,
+                      reserve=a.reserve)
     trajs = load_jsonl(a.file)
     cache = chat.MessageCache(tok)
+    if a.cmd == "show":
+        if not 0 <= a.index < len(trajs):
+            raise RecordError(f"{a.file}: --index {a.index}: expected 0..{len(trajs) - 1}")
+        t = trajs[a.index]
+        out = Path(a.out or f"{a.file}.{a.index}.html")
+        out.write_text(render_html(t, split_trajectory(t, cache.count, cfg), cache.count, cfg))
+        print(f"wrote {out}")
+        return 0
     rows = stats(trajs, cache.count, cfg, cache.encode)
     cols = list(rows[0]) if rows else []
     print("  ".join(f"{c:>20}" for c in cols))

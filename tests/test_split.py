@@ -545,3 +545,27 @@ def test_sliding_window_agent_sees_the_start_of_the_episode_like_its_first_train
                                          word_count, cfg)
         assert ctx == traj.messages[:end] and start == 0
         assert first.messages[:end] == ctx
+
+
+def test_show_writes_a_self_contained_page_with_every_part_and_its_token_counts(tmp_path, capsys):
+    """`split.py show FILE --index N` (students): one section per sub-trajectory, headed by its
+    token total (= the tiny tokenizer's count of its messages); p, the marker, truncated Cᵢ
+    turns and Wᵢ's supervised actions each carry their own colour; nothing is fetched."""
+    import chat
+    path, out = tmp_path / "t.jsonl", tmp_path / "page.html"
+    trajs = [split.trajectory_from_dict(make_trajectory(i, 40, 40, 0.1, 400, tid=f"t{i}"))
+             for i in range(2)]
+    split.save_jsonl(path, trajs)
+    assert split.main(["show", str(path), "--index", "1", "--context", "384", "--overlap", "40",
+                       "--out", str(out)]) == 0
+    page = out.read_text()
+    count = chat.MessageCache(chat.build_tiny_tokenizer()).count
+    subs = split.split_trajectory(trajs[1], count, SplitConfig(context_len=384, overlap=40))
+    totals = [int(x) for x in re.findall(r"</sup> — (\d+) / 384 tokens", page)]
+    assert totals == [sum(count(m) for m in s.messages) for s in subs] and len(subs) >= 3
+    for part, (_, colour) in split._PART_STYLE.items():
+        assert f"background:{colour}" in page, part
+    assert "earlier turns omitted" in page and "characters omitted" in page
+    assert "<script" not in page and "src=" not in page and "href=" not in page
+    assert split.main(["show", str(path), "--index", "2"]) == 2
+    assert "--index 2" in capsys.readouterr().err
