@@ -27,7 +27,7 @@ import shlex
 import tempfile
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Protocol
 
@@ -264,6 +264,21 @@ class PolicyError(RuntimeError):
     """The policy cannot produce an action (an endpoint down after its retries)."""
 
 
+class ContextTooLong(PolicyError):
+    """The endpoint refused the prompt as longer than its context (HTTP 400): the episode loop
+    rebuilds a smaller context and asks once more (_act)."""
+
+
+# an HTTP 400 that is about the prompt's length (vLLM, SGLang, OpenAI, Anthropic-compatible wording)
+_CONTEXT_ERROR = re.compile(r"context[ _-]?(length|window)|maximum context|max_model_len|"
+                            r"too many tokens|prompt is too long|input is too long", re.I)
+
+
+def json_tokens(x: object) -> int:
+    """Tokens of what is sent as JSON, about 4 characters a token (no tokenizer for an endpoint)."""
+    return (len(json.dumps(x)) + 3) // 4
+
+
 class ScriptedPolicy:
     """A policy given by a function of the (context) messages: the synthetic tasks' expert, tests."""
 
@@ -433,12 +448,29 @@ class OpenAIPolicy:
     """An OpenAI-compatible /v1/chat/completions endpoint (vLLM, SGLang, hosted APIs) with tools.
     Connection errors, timeouts, 429 and 5xx are retried with exponential backoff; the time spent
     in failed attempts and backoff is returned as api_wait_s (off the episode clock, as
-    PaperBench does). Other 4xx and exhausted retries raise PolicyError."""
+    PaperBench does). Other 4xx and exhausted retries raise PolicyError.
+
+    Context (KLong's context-length handling): with `context_len` (the endpoint's window in
+    tokens, klong.Config.policy_context_len) the episode loop builds every prompt with split's
+    context builder under `self.context`: the window less the tools' schema, with the answer's
+    max_tokens kept free, all counted as sent (json_tokens), so no prompt is over-long. An HTTP
+    400 about the prompt's length raises ContextTooLong: the loop rebuilds smaller and retries
+    once, then ends the episode (context_error, the reason recorded)."""
 
     def __init__(self, url: str, model: str, api_key: str | None = None, temperature: float = 1.0,
                  max_tokens: int | None = None, timeout_s: float = 600.0, retries: int = 6,
-                 backoff_s: float = 1.0, max_backoff_s: float = 60.0):
+                 backoff_s: float = 1.0, max_backoff_s: float = 60.0,
+                 context_len: int | None = None):
         import httpx
+        self.context: SplitConfig | None = None
+        if context_len:
+            reserve = max_tokens or ANSWER_TOKENS
+            room = context_len - json_tokens(TOOLS)
+            if room <= 2 * reserve:
+                raise ValueError(f"OpenAIPolicy: context_len {context_len} leaves {room} tokens "
+                                 f"after the tools' schema: too little for answers of {reserve}")
+            self.context = SplitConfig(context_len=room, reserve=reserve)
+            max_tokens = reserve
         base = url.rstrip("/")
         self.url = base if base.endswith("/chat/completions") else \
             base + ("/chat/completions" if base.endswith("/v1") else "/v1/chat/completions")
@@ -446,6 +478,10 @@ class OpenAIPolicy:
         self.retries, self.backoff_s, self.max_backoff_s = retries, backoff_s, max_backoff_s
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.client = httpx.Client(timeout=timeout_s, headers=headers)
+
+    def count_tokens(self, message: dict) -> int:
+        """A message's tokens as it is sent (the context builder's count)."""
+        return json_tokens(_to_openai(message))
 
     def act(self, messages: list[dict], tools: list[dict]) -> PolicyReply:
         import httpx
@@ -460,6 +496,8 @@ class OpenAIPolicy:
                 r = self.client.post(self.url, json=body)
                 if r.status_code == 429 or r.status_code >= 500:
                     raise PolicyError(f"{self.url}: HTTP {r.status_code}: {r.text[:300]}")
+                if r.status_code == 400 and _CONTEXT_ERROR.search(r.text):
+                    raise ContextTooLong(f"{self.url}: HTTP 400: {' '.join(r.text.split())[:300]}")
                 if r.status_code >= 400:
                     raise PolicyError(f"{self.url}: HTTP {r.status_code} (not retried): {r.text[:500]}")
                 try:
@@ -468,7 +506,8 @@ class OpenAIPolicy:
                     raise PolicyError(f"{self.url}: not a chat completion: {r.text[:300]}") from None
                 return PolicyReply(_from_openai(message), api_wait_s=waited)
             except (httpx.TransportError, PolicyError) as e:
-                if isinstance(e, PolicyError) and "not retried" in str(e):
+                if isinstance(e, ContextTooLong) or (isinstance(e, PolicyError) and
+                                                     "not retried" in str(e)):
                     raise
                 waited += time.monotonic() - t0
                 if attempt == self.retries:
@@ -645,6 +684,33 @@ def paper_was_read(messages: list[dict], paper: str,
     return reading.done
 
 
+ANSWER_TOKENS = 1024   # kept free for an endpoint's answer when its max_tokens is not given
+SHRINK = 0.75          # a context the endpoint refused is rebuilt at this share of its size
+
+
+def _act(policy: Policy, messages: list[dict], prefix_len: int, window_start: int, count,
+         window: SplitConfig | None) -> tuple[PolicyReply, SplitConfig | None, int]:
+    """One action from the context `window` builds (resolution 4; the whole history without
+    one). An endpoint that answers the context is too long (ContextTooLong) is asked once more
+    with a window SHRINK times the size it refused, kept for the rest of the episode; a second
+    refusal propagates. Returns (reply, window, window_start)."""
+    for attempt in (0, 1):
+        context = messages
+        if window is not None:
+            context, window_start = build_context(messages, prefix_len, window_start, count,
+                                                  window)
+        try:
+            return policy.act(context, TOOLS), window, window_start
+        except ContextTooLong as e:
+            if attempt:
+                raise
+            sent = sum(count(m) for m in context)
+            base = window or SplitConfig(reserve=getattr(policy, "max_tokens", None) or ANSWER_TOKENS)
+            window = replace(base, context_len=int(SHRINK * (sent + base.reserve)))
+            log.warning("%s; rebuilding the context at %d tokens", e, window.context_len)
+    raise AssertionError("unreachable")
+
+
 def _normalise(message: dict, turn: int) -> dict:
     """An assistant message in the trajectory format: content a string, calls with ids."""
     out = {"role": "assistant", "content": str(message.get("content") or "")}
@@ -676,6 +742,7 @@ def run_episode(policy: Policy, task: "Task | str | Path", budget: Budget, backe
     (`submission_out`, else a fresh temporary folder) before the sandbox closes."""
     task = task if isinstance(task, Task) else load_task(task)
     count = getattr(policy, "count_tokens", None) or rough_count
+    window = budget.context or getattr(policy, "context", None)   # an endpoint's own window
     if budget.context and getattr(policy, "max_new_tokens", 0) >= budget.context.reserve:
         log.warning("max_new_tokens %d ≥ SplitConfig.reserve %d: a long action may pass L_max",
                     policy.max_new_tokens, budget.context.reserve)
@@ -709,12 +776,12 @@ def run_episode(policy: Policy, task: "Task | str | Path", budget: Budget, backe
             if budget.max_seconds is not None and clock() >= budget.max_seconds:
                 stop = "max_seconds"
                 break
-            context = messages
             try:
-                if budget.context is not None:
-                    context, window_start = build_context(messages, prefix_len, window_start,
-                                                          count, budget.context)
-                reply = policy.act(context, TOOLS)
+                reply, window, window_start = _act(policy, messages, prefix_len, window_start,
+                                                   count, window)
+            except ContextTooLong as e:
+                stop, error = "context_error", f"the endpoint refused the context twice: {e}"
+                break
             except SplitError as e:
                 stop, error = "context_error", str(e)
                 break
@@ -774,6 +841,7 @@ def run_episode(policy: Policy, task: "Task | str | Path", budget: Budget, backe
         tier = box.tier
     meta = {"tier": tier, "stop_reason": stop, "turns": turns, "wall_s": clock(),
             "api_wait_s": api_wait, "paper_read": paper.done, "policy": type(policy).__name__,
+            "context_len": window.context_len if window else None,
             "blacklist_hits": scan_blacklist(messages, task.blacklist)}
     if error:
         meta["error"] = error
