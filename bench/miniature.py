@@ -64,7 +64,9 @@ ARMS = [  # key, label, what evaluates it
     ("C", "C: trajectory-splitting SFT (KLong)", "klong"),
     ("P", "C + progressive RL (T = ⅓, ⅔, 1 of the evaluation budget)", "klong"),
     ("S", "C + one long-timeout RL stage, same rollout compute", "klong"),
+    ("C+long", "C on a variant it never trained on: accepted-step observations 1.6× longer", "klong"),
 ]
+LONG_LOG_WORDS = 3      # `w 3 ok` (5 tokens with its header) → `w 3 ok log log log` (8 tokens)
 
 
 @dataclass
@@ -156,14 +158,16 @@ def plan(mc: MiniConfig) -> list[Job]:
                 rd / "rl" / "final" / "config.json", [f"s{s}-sft-klong"], priority=(s + 1, 5, k)))
         ckpt = {"A": ("none", sft["none"] / "sft"), "A+p": ("none", sft["none"] / "sft"),
                 "B": ("window", sft["window"] / "sft"), "C": ("klong", sft["klong"] / "sft"),
-                "P": ("klong", d / "rl-P" / "rl"), "S": ("klong", d / "rl-S" / "rl")}
+                "P": ("klong", d / "rl-P" / "rl"), "S": ("klong", d / "rl-S" / "rl"),
+                "C+long": ("klong", sft["klong"] / "sft")}
         dep = {"A": "sft-none", "A+p": "sft-none", "B": "sft-window", "C": "sft-klong",
-               "P": "rl-P", "S": "rl-S"}
+               "P": "rl-P", "S": "rl-S", "C+long": "sft-klong"}
         for k, (arm, _, mode) in enumerate(ARMS):
             rd = d / f"eval-{arm}"
             jobs.append(Job(f"s{s}-eval-{arm}", [
                 "--stage", "eval", "--run-dir", str(rd), "--model", str(ckpt[arm][1] / "final"),
-                "--tasks", str(tasks), "--split-mode", mode, "--seeds", "1", *com],
+                "--tasks", str(mc.out / "eval_tasks_long" if arm == "C+long" else tasks),
+                "--split-mode", mode, "--seeds", "1", *com],
                 rd / "eval" / "results.json", [f"s{s}-{dep[arm]}"],
                 priority=(s, 1, k) if arm in ("A", "A+p", "B", "C") else (s + 1, 6, k)))
     return jobs
@@ -174,6 +178,9 @@ def make_data(mc: MiniConfig) -> None:
     tasks = mc.out / "eval_tasks"
     if not tasks.exists():
         synthetic.make_synthetic_tasks(tasks, mc.eval_tasks, seed=10_000)
+    if not (mc.out / "eval_tasks_long").exists():        # the same tasks, longer observations
+        synthetic.make_synthetic_tasks(mc.out / "eval_tasks_long", mc.eval_tasks, seed=10_000,
+                                       log_words=LONG_LOG_WORDS)
     for s in range(mc.seeds):
         out = mc.out / f"seed{s}" / "data"
         if not (out / "trajectories.jsonl").exists():
@@ -263,7 +270,8 @@ def collect(mc: MiniConfig, times: dict[str, float] | None = None) -> dict:
             row[key], row[key + "_se"] = m, se
         row["per_seed_score"] = [r["score_mean"] for r in per]
         ends = [e for r in per for e in r.get("episodes", []) if e["stop_reason"] == "end_task"]
-        row["end_share"] = len(ends) / max(1, sum(len(r.get("episodes", [])) for r in per))
+        n_eps = sum(len(r.get("episodes", [])) for r in per)
+        row["end_share"] = len(ends) / n_eps if n_eps else None
         row["end_turns"] = statistics.fmean(e["turns"] for e in ends) if ends else None
         arms[arm] = row
     paired = {}          # per-seed differences on the same seed's tasks: the claims of issue 15
@@ -301,18 +309,24 @@ def _fmt(v, se=None, nd=3) -> str:
 
 def markdown(res: dict) -> str:
     mc = res["config"]
-    head = ("| arm | score (mean ± SE over seeds) | assistant turns | wall time (s) | timeout rate "
-            "| END rate | seeds |\n|---|---|---|---|---|---|---|\n")
+    head = ("| arm | score (mean ± SE over seeds) | per seed | assistant turns | wall time (s) "
+            "| episodes ending with end_task | their turns | seeds |\n"
+            "|---|---|---|---|---|---|---|---|\n")
     lines = []
     for arm, _, _ in ARMS:
         r = res["arms"][arm]
-        lines.append(f"| {r['label']} | {_fmt(r['score_mean'], r['score_mean_se'])} "
+        per = " / ".join(f"{x:.3f}" for x in r["per_seed_score"]) or "–"
+        lines.append(f"| {r['label']} | {_fmt(r['score_mean'], r['score_mean_se'])} | {per} "
                      f"| {_fmt(r['turns'], nd=1)} | {_fmt(r['wall_s'], nd=2)} "
-                     f"| {_fmt(r['timeout_rate'], nd=2)} | {_fmt(r['end_rate'], nd=2)} | {r['seeds']} |")
+                     f"| {_fmt(r.get('end_share'), nd=2)} | {_fmt(r.get('end_turns'), nd=1)} "
+                     f"| {r['seeds']} |")
     e = res.get("expert")
     if e:
-        lines.append(f"| teacher (scripted expert with its flaw; simulated) | {e['score']:.3f} "
-                     f"| {e['turns']:.1f} | – | {e['timeout_rate']:.2f} | {e['end_rate']:.2f} | – |")
+        lines.append(f"| teacher (scripted expert with its flaw; simulated) | {e['score']:.3f} | – "
+                     f"| {e['turns']:.1f} | – | {e['end_rate']:.2f} | – | – |")
+    pairs = "\n\n| paired difference (same seed, same tasks) | per seed | mean ± SE |\n|---|---|---|\n" + \
+        "\n".join(f"| {k} | {' / '.join(f'{x:+.3f}' for x in v['per_seed']) or '–'} "
+                  f"| {_fmt(v['mean'], v['se'])} |" for k, v in res.get("paired", {}).items())
     paper = ("| paper (PaperBench) | score | assistant turns | run time |\n|---|---|---|---|\n"
              "| baseline SFT | 38.63 | 114.9 | 1.52 h |\n"
              "| + trajectory-splitting SFT | 55.92 | 732.7 | 8.88 h |\n"
@@ -327,7 +341,7 @@ def markdown(res: dict) -> str:
              f"turns used: P {rl['P']['rollout_turns']}, S {rl['S']['rollout_turns']}. "
              f"Machine: {res['cpu_count']} CPU cores ({res['cpu']}), torch {res['versions']['torch']}, "
              f"1 thread per process.\n")
-    return "## Miniature (measured)\n\n" + head + "\n".join(lines) + "\n" + notes + \
+    return "## Miniature (measured)\n\n" + head + "\n".join(lines) + pairs + "\n" + notes + \
         "\n## Paper (PaperBench, KLong 106B)\n\n" + paper
 
 
@@ -341,7 +355,7 @@ def plot(res: dict, path: Path) -> None:
                         (ax2, "turns", "assistant turns")):
         ax.bar(keys, [res["arms"][a][key] for a in keys],
                yerr=[res["arms"][a][key + "_se"] or 0 for a in keys], capsize=4,
-               color=["#bbb", "#999", "#8ab", "#37a", "#2a6", "#a62"][:len(keys)])
+               color=["#bbb", "#999", "#8ab", "#37a", "#2a6", "#a62", "#7ad"][:len(keys)])
         ax.set_ylabel(yl)
     if res.get("expert"):
         ax1.axhline(res["expert"]["score"], ls="--", c="k", lw=1, label="teacher under the budget")
