@@ -29,7 +29,7 @@ import chat
 import dist
 import split
 from cli import UserError
-from kernels.fused_loss import token_logprobs
+from kernels.fused_loss import token_logprobs, weighted_logprob_sum
 from kernels.masked_attention import HF_KEY, register_hf
 
 
@@ -95,7 +95,23 @@ def packed_logprobs(model, packed: split.Packed, temperature: float = 1.0) -> to
     return dist.call(model, _packed_logprobs, packed, temperature)
 
 
-def _packed_logprobs(model, packed: split.Packed, temperature: float) -> torch.Tensor:
+def packed_logprob_sum(model, packed: split.Packed) -> torch.Tensor:
+    """Σ over supervised positions of log π(target), a scalar fp32: L_SFT = −this (sft_step).
+
+    The fused weighted sum of kernels/fused_loss.py (w = 1 on every position, targets −100 skip):
+    its gradients are formed chunk by chunk in the forward (the 6·N·H·V path), so neither the
+    [B·T, V] logits nor the [B·T] per-token log-probs and their backward pass exist."""
+    return dist.call(model, _packed_logprob_sum, packed)
+
+
+def _packed_logprob_sum(model, packed: split.Packed) -> torch.Tensor:
+    hidden, head, targets = _packed_hidden(model, packed)
+    return weighted_logprob_sum(hidden, head.weight, targets,
+                                torch.ones_like(targets, dtype=torch.float32), bias=head.bias)
+
+
+def _packed_hidden(model, packed: split.Packed):
+    """(hidden states (B·T, H), LM head, targets (B·T,)) of a packed batch, one decoder pass."""
     dev = next(model.parameters()).device
     if model.config._attn_implementation == HF_KEY:
         mask = {"doc_ids": packed.doc.to(dev), "seg_ids": packed.seg.to(dev)}
@@ -104,11 +120,15 @@ def _packed_logprobs(model, packed: split.Packed, temperature: float) -> torch.T
     hidden = model.get_decoder()(input_ids=packed.input_ids.to(dev),
                                  position_ids=packed.position_ids.to(dev),
                                  **mask).last_hidden_state                # (B, T, H)
-    head = model.get_output_embeddings()
     B, T, H = hidden.shape
-    logp = token_logprobs(hidden.reshape(B * T, H), head.weight, packed.targets.to(dev).reshape(-1),
-                          bias=head.bias, temperature=temperature)      # (B·T,)
-    return logp.reshape(B, T)
+    return hidden.reshape(B * T, H), model.get_output_embeddings(), packed.targets.to(dev).reshape(-1)
+
+
+def _packed_logprobs(model, packed: split.Packed, temperature: float) -> torch.Tensor:
+    hidden, head, targets = _packed_hidden(model, packed)
+    logp = token_logprobs(hidden, head.weight, targets, bias=head.bias,
+                          temperature=temperature)                      # (B·T,)
+    return logp.reshape(packed.targets.shape)
 
 
 def rng_state() -> dict:
