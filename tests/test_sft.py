@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 import chat
 import cli
 import klong
-from model import packed_logprobs
+from model import packed_logprob_sum, packed_logprobs
 import sft
 import split
 from tests.strategies import make_trajectory
@@ -113,9 +113,12 @@ def _separate_loss(model, subs):
     return total
 
 
+@pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("row_len", [4096, 700])
-def test_packed_loss_and_gradients_equal_the_separate_subtrajectories(tok, tiny_model, row_len):
-    """docs/ARCHITECTURE.md: packing [p | C₁W₁ | C₂W₂ | …] must not change the loss or gradients.
+def test_packed_loss_and_gradients_equal_the_separate_subtrajectories(tok, tiny_model, row_len,
+                                                                      fused):
+    """docs/ARCHITECTURE.md: packing [p | C₁W₁ | C₂W₂ | …] must not change the loss or gradients,
+    neither per-token log-probs summed nor SFT's fused weighted sum (model.packed_logprob_sum).
     fp32; tolerance 1e-4 relative on the loss and 1e-4 absolute on gradients."""
     trajs = [split.trajectory_from_dict(make_trajectory(s, 40, 40, 0.0, 0, tid=f"t{s}"))
              for s in (2, 3)]
@@ -131,7 +134,8 @@ def test_packed_loss_and_gradients_equal_the_separate_subtrajectories(tok, tiny_
     tiny_model.zero_grad()
     packed = split.pack(subs, row_len, pad_id=tok.pad_token_id)
     assert packed.input_ids.numel() < sum(len(s.input_ids) for s in subs) or row_len < 1000
-    loss = -packed_logprobs(tiny_model, packed).sum()
+    loss = -(packed_logprob_sum(tiny_model, packed) if fused else
+             packed_logprobs(tiny_model, packed).sum())
     loss.backward()
     assert torch.allclose(loss, ref, rtol=1e-4), (loss.item(), ref.item())
     for p, g in zip(tiny_model.parameters(), ref_grads):
