@@ -15,7 +15,9 @@ Two settings, each rollout tokens/s = sampled action tokens of all N episodes / 
 - `sampler`: the same episode contexts without a sandbox (each observation a fixed short text),
   so the ratio is the decoders' alone.
 One intra-op thread (torch.set_num_threads(1)) for both, so the ratio is the decoder's, not the
-thread count's.
+thread count's. On a shared machine other processes' load moves wall-clock ratios a lot, so each
+is also given per CPU-second of this process (tokens / process CPU time; sandbox processes are
+children and not counted, for both).
 
     python bench/sampler.py            # N = 1, 4, 8, 16; writes bench/results/sampler-cpu.json
     python bench/sampler.py --quick    # N = 8, 12 turns (≤ 3 min); last line: JSON with "speedup"
@@ -48,41 +50,52 @@ import synthetic  # noqa: E402
 from model import load_model  # noqa: E402
 
 
+def at_once(fn, n: int) -> tuple[float, float]:
+    """fn(0), …, fn(n − 1) in n threads at once; (wall time, this process's CPU time) (the first
+    error is raised)."""
+    errors = []
+
+    def run(k):
+        try:
+            fn(k)
+        except Exception as e:  # noqa: BLE001  (raised below, in the main thread)
+            errors.append(e)
+    t0, c0 = time.perf_counter(), time.process_time()
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise SystemExit(f"bench/sampler.py: {len(errors)} episode(s) failed: {errors[0]!r}")
+    return time.perf_counter() - t0, time.process_time() - c0
+
+
+def rates(n: int, tokens: int, wall: float, cpu: float) -> dict:
+    return {"episodes": n, "tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall,
+            "cpu_s": cpu, "tokens_per_cpu_s": tokens / cpu}
+
+
 def run_episodes(make_policy, tasks, budget, n: int, backend: str) -> dict:
-    """n episodes at once (episode k on tasks[k % len]); sampled tokens, wall time, turns."""
+    """n episodes at once (episode k on tasks[k % len]): their sampled tokens per second."""
     eps = [None] * n
 
     def one(k):
         with tempfile.TemporaryDirectory(prefix="klong_bench_") as tmp:
             eps[k] = agent.run_episode(make_policy(k), tasks[k % len(tasks)], budget,
                                        backend=backend, submission_out=Path(tmp) / "sub")
-    t0 = time.perf_counter()
-    threads = [threading.Thread(target=one, args=(k,)) for k in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - t0
-    failed = [e.trajectory.meta.get("error") for e in eps if e.failed]
-    if failed:
-        raise SystemExit(f"bench/sampler.py: {len(failed)} episode(s) failed: {failed[0]}")
-    tokens = sum(len(s.action_ids) for e in eps for s in e.trajectory.samples)
-    return {"episodes": n, "tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall,
-            "turns": sum(e.turns for e in eps)}
+            if eps[k].failed:
+                raise RuntimeError(eps[k].trajectory.meta.get("error"))
+    wall, cpu = at_once(one, n)
+    return rates(n, sum(len(s.action_ids) for e in eps for s in e.trajectory.samples), wall, cpu)
 
 
 def run_contexts(make_policy, tasks, budget, n: int, _backend: str) -> dict:
     """n episode loops at once without a sandbox: the same contexts (build_context over a growing
     history), each observation a fixed short text."""
-    counts, errors = [0] * n, []
+    counts = [0] * n
 
     def one(k):
-        try:
-            play(k)
-        except Exception as e:  # noqa: BLE001  (reported below, in the main thread)
-            errors.append(e)
-
-    def play(k):
         policy, task = make_policy(k), tasks[k % len(tasks)]
         messages = [{"role": "system", "content": agent.SYSTEM_PROMPT},
                     {"role": "user", "content": task.instructions}]
@@ -93,16 +106,8 @@ def run_contexts(make_policy, tasks, budget, n: int, _backend: str) -> dict:
             reply = policy.act(context, agent.TOOLS)
             counts[k] += len(reply.sample.action_ids)
             messages += [agent._normalise(reply.message, turn), {"role": "user", "content": OBS}]
-    t0 = time.perf_counter()
-    threads = [threading.Thread(target=one, args=(k,)) for k in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - t0
-    if errors:
-        raise SystemExit(f"bench/sampler.py: {len(errors)} episode loop(s) failed: {errors[0]!r}")
-    return {"episodes": n, "tokens": sum(counts), "wall_s": wall, "tokens_per_s": sum(counts) / wall}
+    wall, cpu = at_once(one, n)
+    return rates(n, sum(counts), wall, cpu)
 
 
 OBS = "[exit code 1]\nbash: command not found"
@@ -118,10 +123,12 @@ def measure(model, tok, cfg, tasks, budget, n: int, backend: str, run) -> dict:
               tasks, budget, n, backend)
     bat["mean_batch_rows"] = smp.step_rows / max(smp.steps, 1)
     r = {"episodes": n, "per_episode": per, "batched": bat,
-         "speedup": bat["tokens_per_s"] / per["tokens_per_s"]}
+         "speedup": bat["tokens_per_s"] / per["tokens_per_s"],
+         "speedup_cpu": bat["tokens_per_cpu_s"] / per["tokens_per_cpu_s"]}
     print(f"{'episodes' if run is run_episodes else 'sampler':8s} N={n:2d}: per-episode "
           f"{per['tokens_per_s']:6.0f} tok/s, batched {bat['tokens_per_s']:6.0f} tok/s "
-          f"(mean {bat['mean_batch_rows']:.1f} rows/step) → {r['speedup']:.2f}×", flush=True)
+          f"(mean {bat['mean_batch_rows']:.1f} rows/step) → {r['speedup']:.2f}× "
+          f"(per CPU-second {r['speedup_cpu']:.2f}×)", flush=True)
     return r
 
 
