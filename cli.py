@@ -67,5 +67,13 @@ def run(main, argv=None, user_errors: tuple = (), prog: str = "") -> int:
     except BaseException as e:              # noqa: B902 -- filtered just below
         if debug or not is_user_error(e, user_errors):
             raise
+        _close_progress_bars()
         print(f"{prog + ': ' if prog else ''}error: {one_line(e)}", file=sys.stderr)
         return 2
+
+
+def _close_progress_bars() -> None:
+    """End any open tqdm bar's line, so the error is a line of its own."""
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", [])):
+        bar.close()

@@ -235,6 +235,9 @@ def _read_json(path: str | os.PathLike) -> object:
     except json.JSONDecodeError as e:
         raise RubricError(f"at line {e.lineno} column {e.colno}", "(JSON)", "valid JSON", e.msg,
                           file=path) from None
+    except UnicodeDecodeError as e:          # a binary file given as JSON
+        raise RubricError(f"at byte {e.start + 1}", "(JSON)", "UTF-8 JSON text",
+                          "bytes that are not UTF-8 (a binary file?)", file=path) from None
 
 
 def load_rubric(path: str | os.PathLike) -> RubricNode:

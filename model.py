@@ -15,7 +15,6 @@ Functions take `cfg`, any object with klong.Config's fields (this module never i
 """
 from __future__ import annotations
 
-import errno
 import json
 import os
 import random
@@ -24,11 +23,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.distributed.checkpoint.api import CheckpointException
 
 import chat
 import dist
 import split
-from cli import UserError
+from cli import USER_ERRNOS, UserError
 from kernels.fused_loss import token_logprobs, weighted_logprob_sum
 from kernels.masked_attention import HF_KEY, register_hf
 
@@ -162,12 +162,11 @@ def save_checkpoint(out: Path, model, opt, tok, state: dict, keep: int = 2,
             tok.save_pretrained(tmp)
             torch.save(state, tmp / "trainer_state.pt")
             (tmp / "COMPLETE").write_text("ok")
-    except (OSError, RuntimeError) as e:       # torch reports a full disk as a RuntimeError
+    except (Exception, CheckpointException) as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        full = getattr(e, "errno", None) == errno.ENOSPC or shutil.disk_usage(out).free < 2 ** 20
-        if not (full or isinstance(e, OSError)):
+        why = _write_failure(e, out)
+        if why is None:
             raise
-        why = "no space left on device" if full else (getattr(e, "strerror", None) or str(e))
         raise UserError(f"{ck}: cannot write the checkpoint ({why}); nothing was lost: the run "
                         f"resumes from the last complete checkpoint in {out}") from e
     if dist.is_main():
@@ -177,6 +176,22 @@ def save_checkpoint(out: Path, model, opt, tok, state: dict, keep: int = 2,
             shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
     return ck
+
+
+def _write_failure(e: BaseException, out: Path) -> str | None:
+    """Why a checkpoint could not be written, when the machine is at fault (full disk, no
+    permission); None for anything else (a bug: re-raised). torch reports a full disk as a
+    RuntimeError, DCP wraps every rank's error in a CheckpointException."""
+    seen = [e]
+    if isinstance(e, CheckpointException):
+        seen += [exc for exc, _ in e.failures.values()]
+    for x in seen:
+        if isinstance(x, OSError) and x.errno in USER_ERRNOS:
+            return os.strerror(x.errno).lower()
+    if any(isinstance(x, RuntimeError) and "write" in str(x) for x in seen) \
+            and shutil.disk_usage(out).free < 2 ** 20:
+        return "no space left on device"
+    return None
 
 
 def checkpoint_dtype(cfg) -> torch.dtype | None:

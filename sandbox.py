@@ -1593,7 +1593,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     cut = argv.index("--") if "--" in argv else len(argv)
     argv, command = argv[:cut], argv[cut + 1:]        # everything after `--` is the command
-    p = argparse.ArgumentParser(
+    from cli import Parser                            # bad flags: one line, exit 2 (cli.run)
+    p = Parser(
         usage="python sandbox.py [TASK_DIR] [options] [-- COMMAND...]",
         description="Open a task's sandbox and run a command in it: what an agent sees. "
                     "Example: python sandbox.py TASK_DIR -- ls -R /home",
@@ -1631,4 +1632,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from cli import run
+    # user errors (a missing task folder or paper.md, a bad flag, an unknown backend): one line, exit 2
+    sys.exit(run(main, prog="sandbox.py", user_errors=(FileNotFoundError, SandboxError)))
