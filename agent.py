@@ -37,7 +37,7 @@ from split import Sample, SplitConfig, SplitError, Trajectory, build_context
 
 log = logging.getLogger("klong.agent")
 
-# ============================================================================ 8. tools (PaperBench names)
+# ============================================================================ 1. tools (PaperBench names)
 
 def _fn(name: str, description: str, properties: dict, required: list[str]) -> dict:
     return {"type": "function", "function": {"name": name, "description": description, "parameters": {
@@ -246,7 +246,7 @@ class Toolbox:
         return f"Edited {file}: replaced {len(old)} characters by {len(new)}."
 
 
-# ============================================================================ 9. policies
+# ============================================================================ 2. policies
 
 @dataclass
 class PolicyReply:
@@ -520,7 +520,7 @@ class OpenAIPolicy:
         raise AssertionError("unreachable")
 
 
-# ============================================================================ 10. the episode loop
+# ============================================================================ 3. the episode loop
 
 @dataclass
 class Budget:

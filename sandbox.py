@@ -21,14 +21,15 @@ holding the paper, and their trajectories become SFT data and RL rollouts. This 
    - The agent sees only its task (issue 21): on the isolated tiers no host path exists inside but
      the system trees, a minimal /etc, this Python's folder and the workspace: never the rubric,
      the run directory, the project or the host's home.
-     Every local tier runs one long-lived init per sandbox (`_sbx_init`, a stdlib-only program run
-     by `python -I -S`, its source passed in the environment) that serves exec requests on a pipe. Each command gets its
+     Every local tier runs one long-lived init per sandbox (sandbox_init.py, a stdlib-only program
+     run by `python -I -S`, its source passed in the environment) that serves exec requests on a pipe. Each command gets its
      own reaper `R`, a child subreaper: every descendant of the command, `setsid` daemons included,
      stays below R, so a timeout kills the whole tree (SIGTERM, grace, then SIGKILL until none is
      left). cgroups (v1 or v2, wherever writable) add memory / pids / CPU limits and OOM reporting
      to any local tier; without them rlimits stand in.
-   - The task is laid out as PaperBench does: /home/paper/{paper.md, addendum.md, blacklist.txt,
-     …}, /home/instructions.txt, a git-initialised /home/submission; the rubric never enters.
+   - The task is laid out as PaperBench does (task.py, `open_sandbox(task=...)`): /home/paper/
+     {paper.md, addendum.md, blacklist.txt, …}, /home/instructions.txt, a git-initialised
+     /home/submission; the rubric never enters.
      The plain tier cannot remap /home: its layout lives under `Sandbox.home` (a host directory) and
      the file API still accepts the /home/... paths.
 The agent scaffold that runs in it (tools, policies, the episode loop) is agent.py.
@@ -72,14 +73,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
-import yaml
+
+import sandbox_init
+from task import (DEFAULT_INSTRUCTIONS, HIDDEN, HOME, PAPER_DIR, SUBMISSION, Task,  # noqa: F401
+                  lay_out_task, load_task)   # (the PaperBench task layout: task.py; re-exported)
 
 
 log = logging.getLogger("klong.sandbox")
 
-HOME = "/home"                          # the task layout's root inside every isolated tier
-SUBMISSION = "/home/submission"
-PAPER_DIR = "/home/paper"
 TIERS = ("namespace", "bwrap", "plain")
 
 
@@ -165,355 +166,10 @@ def cut_output(head: bytes, tail: bytes, total: int, limit: int) -> tuple[str, b
 
 
 # ============================================================================ 3. the in-sandbox init
-# The `_sbx_*` functions run *inside* a local sandbox, in one `python -I -S` process per sandbox
-# started with their source (see `_init_source`): stdlib only, nothing from this module's globals.
+# The program that runs inside a local sandbox is sandbox_init.py (its functions' source is sent).
 
-def _sbx_init(cfg: dict) -> None:
-    """The sandbox's init: set up isolation, then serve requests (one JSON line each) on stdin.
-
-    Request {"id", "cmd", "cwd", "env", "timeout", "grace", "head", "tail"} runs `bash -lc cmd`
-    under a fresh reaper R; the reply {"id", "exit_code", "timed_out", "head", "tail", "total",
-    "duration_s"} comes once the command's main process has exited and the output it left in the
-    pipe is read (background jobs keep running; their output is drained and dropped). Bytes travel
-    as latin-1 text in JSON. EOF on stdin (the host closed or died) kills everything and exits.
-    """
-    import ctypes
-    import json
-    import os
-    import resource
-    import selectors
-    import signal
-    import subprocess  # noqa: F401  (imported once here; every reaper R uses it)
-    import time
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(36, 1, 0, 0, 0)                 # PR_SET_CHILD_SUBREAPER: orphans come to init
-    warnings = []
-    if cfg["tier"] == "namespace":
-        warnings += _sbx_isolate(libc, cfg)
-    for name, value in cfg["rlimits"].items():
-        resource.setrlimit(getattr(resource, name), (value, value))
-    os.write(1, (json.dumps({"ready": True, "warnings": warnings}) + "\n").encode())
-
-    sel = selectors.DefaultSelector()
-    sel.register(0, selectors.EVENT_READ, ("req", None))
-    cmds, inbox = {}, b""                      # id -> state of a running command
-
-    def reply(c):
-        head, tail = bytes(c["head"]), bytes(c["tail"])
-        c["replied"] = True
-        try:                                   # SIGPIPE is ignored: a gone host is an error here
-            os.write(1, (json.dumps({
-                "id": c["id"], "exit_code": None if c["timed_out"] else c["exit"],
-                "timed_out": c["timed_out"], "head": head.decode("latin-1"),
-                "tail": tail.decode("latin-1"), "total": c["total"],
-                "duration_s": time.monotonic() - c["start"], "error": c.get("error")}) + "\n").encode())
-        except BrokenPipeError:
-            shutdown()
-
-    def take(c, data):                         # bounded capture: first `head_n`, last `tail_n`
-        c["total"] += len(data)
-        room = c["head_n"] - len(c["head"])
-        c["head"] += data[:max(room, 0)]
-        c["tail"] += data[max(room, 0):]
-        del c["tail"][:max(0, len(c["tail"]) - c["tail_n"])]
-
-    def drain(c):                              # read what the pipe holds now, without waiting
-        while c["out"] is not None:
-            try:
-                data = os.read(c["out"], 1 << 16)
-            except BlockingIOError:
-                return
-            if not data:
-                sel.unregister(c["out"])
-                os.close(c["out"])
-                c["out"] = None
-                return
-            take(c, data)
-
-    def start(req):
-        c = {"id": req["id"], "head": bytearray(), "tail": bytearray(), "total": 0,
-             "head_n": req["head"], "tail_n": req["tail"], "exit": None, "timed_out": False,
-             "replied": False, "start": time.monotonic(), "deadline": time.monotonic() + req["timeout"],
-             "grace": req["grace"], "kill_at": None, "r_done": False}
-        try:
-            out_r, out_w = os.pipe()
-            st_r, st_w = os.pipe()
-            pid = os.fork()
-        except OSError as e:                   # e.g. the pids limit is exhausted
-            c.update(exit=126, r_done=True, out=None, error=f"cannot start the command: {e}")
-            return reply(c)
-        if pid == 0:                           # R: the command's reaper
-            try:
-                os.close(out_r)
-                os.close(st_r)
-                _sbx_reaper(libc, req, out_w, st_w, cfg["drop_caps"])
-            finally:
-                os._exit(1)
-        os.close(out_w)
-        os.close(st_w)
-        os.set_blocking(out_r, False)
-        c.update(pid=pid, out=out_r, st=st_r)
-        sel.register(out_r, selectors.EVENT_READ, ("out", c))
-        sel.register(st_r, selectors.EVENT_READ, ("st", c))
-        cmds[c["id"]] = c
-
-    def shutdown():
-        for c in cmds.values():
-            if not c["r_done"]:
-                _sbx_kill_tree(c["pid"], signal.SIGKILL)
-        _sbx_kill_tree(os.getpid(), signal.SIGKILL)
-        os._exit(0)
-
-    while True:
-        now = time.monotonic()                 # wake for the next deadline of an unanswered call
-        waits = [1.0] + [(c["kill_at"] or c["deadline"]) - now for c in cmds.values()
-                         if not c["replied"] and not c["r_done"]]
-        for key, _ in sel.select(max(0.0, min(waits))):
-            kind, c = key.data
-            if kind == "req":
-                data = os.read(0, 1 << 16)
-                if not data:
-                    shutdown()
-                inbox += data
-                while b"\n" in inbox:
-                    line, inbox = inbox.split(b"\n", 1)
-                    start(json.loads(line))
-            elif kind == "out":
-                data = os.read(c["out"], 1 << 16)
-                if data:
-                    if not c["replied"]:
-                        take(c, data)
-                else:
-                    sel.unregister(c["out"])
-                    os.close(c["out"])
-                    c["out"] = None
-            else:                              # R reports the main process's exit code, or exits
-                data = os.read(c["st"], 64)
-                if data:
-                    c["exit"] = int(data)
-                else:
-                    sel.unregister(c["st"])
-                    os.close(c["st"])
-                    c["r_done"] = True
-        now = time.monotonic()
-        for c in list(cmds.values()):
-            if not c["replied"] and c["exit"] is None and not c["r_done"] and c["kill_at"] is None \
-                    and now >= c["deadline"]:
-                c["timed_out"] = True          # R terminates the tree: TERM, grace, KILL
-                c["kill_at"] = now + c["grace"] + 5.0
-                os.kill(c["pid"], signal.SIGTERM)
-            elif c["kill_at"] is not None and not c["r_done"] and now >= c["kill_at"]:
-                _sbx_kill_tree(c["pid"], signal.SIGKILL)     # backstop: R itself hangs
-                os.kill(c["pid"], signal.SIGKILL)
-            if not c["replied"] and ((c["exit"] is not None and not c["timed_out"]) or c["r_done"]):
-                drain(c)
-                reply(c)
-            if c["replied"] and c["r_done"] and c["out"] is None:
-                del cmds[c["id"]]
-        while True:                            # reap R processes and orphans
-            try:
-                if os.waitpid(-1, os.WNOHANG)[0] == 0:
-                    break
-            except ChildProcessError:
-                break
-
-
-def _sbx_reaper(libc, req: dict, out_w: int, st_w: int, drop_caps: bool) -> None:
-    """R: run `bash -lc cmd` as C, report C's exit code, then reap until no descendant is left.
-
-    R is a child subreaper, so every descendant of C (daemons, `setsid` grandchildren) is
-    reparented to R when its parent dies: "R has no children" means "the command left nothing
-    running". SIGTERM from init (timeout): TERM to the whole tree, `grace` seconds, then SIGKILL
-    until none is left."""
-    import os
-    import signal
-    import subprocess
-    import time
-
-    class Stop(Exception):
-        pass
-
-    def on_term(signum, frame):
-        raise Stop
-
-    libc.prctl(36, 1, 0, 0, 0)                 # PR_SET_CHILD_SUBREAPER
-    signal.signal(signal.SIGTERM, on_term)
-    null = os.open("/dev/null", os.O_RDWR)     # let go of init's request and reply pipes
-    os.dup2(null, 0)
-    os.dup2(null, 1)
-    if drop_caps:                              # C runs as root without capabilities: it cannot
-        last = int(open("/proc/sys/kernel/cap_last_cap").read())    # remount, mount, load modules…
-        for cap in range(last + 1):
-            libc.prctl(24, cap, 0, 0, 0)       # PR_CAPBSET_DROP: no capability survives execve
-        libc.prctl(38, 1, 0, 0, 0)             # PR_SET_NO_NEW_PRIVS
-    try:                                       # C: the command, in its own session (no
-        command = subprocess.Popen(            # controlling terminal, no /dev/tty); vfork-fast
-            ["/bin/bash", "-lc", req["cmd"]], stdin=subprocess.DEVNULL, stdout=out_w,
-            stderr=out_w, cwd=req["cwd"], env=req["env"], start_new_session=True)
-    except OSError as e:                       # no such cwd, the pids limit is exhausted, ...
-        os.write(out_w, f"sandbox: cannot start the command: {e}\n".encode())
-        os.write(st_w, b"126")
-        os._exit(0)
-    try:                                       # R must not be the OOM killer's victim: it holds
-        with open("/proc/self/oom_score_adj", "w") as f:     # the tree together (root only)
-            f.write("-1000")
-    except OSError:
-        pass
-    os.close(out_w)                            # only C and its descendants hold the output pipe
-    try:
-        try:
-            while True:
-                pid, status = os.waitpid(-1, 0)
-                if pid == command.pid:
-                    code = os.waitstatus_to_exitcode(status)
-                    os.write(st_w, str(128 - code if code < 0 else code).encode())
-        except ChildProcessError:
-            os._exit(0)
-    except Stop:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    _sbx_kill_tree(os.getpid(), signal.SIGTERM)
-    end = time.monotonic() + req["grace"]
-    while time.monotonic() < end:
-        try:
-            while os.waitpid(-1, os.WNOHANG)[0]:
-                pass
-        except ChildProcessError:
-            break
-        time.sleep(0.02)
-    _sbx_kill_tree(os.getpid(), signal.SIGKILL)
-    os._exit(0)
-
-
-def _sbx_kill_tree(root: int, sig: int) -> None:
-    """Signal every descendant of `root` (found through /proc parent links); with SIGKILL, repeat
-    (reaping what `root` may reap) until none is left, so a fork bomb cannot outrun it."""
-    import os
-    import signal
-    import time
-
-    while True:
-        children = {}
-        for name in os.listdir("/proc"):
-            if name.isdigit():
-                try:
-                    with open(f"/proc/{name}/stat", "rb") as f:
-                        stat = f.read()
-                except OSError:
-                    continue
-                fields = stat[stat.rfind(b")") + 2:].split()
-                if fields[0] != b"Z":          # zombies are gone already; their parent reaps them
-                    children.setdefault(int(fields[1]), []).append(int(name))
-        found, todo = [], [root]
-        while todo:
-            for child in children.get(todo.pop(), []):
-                found.append(child)
-                todo.append(child)
-        for pid in found:
-            try:
-                os.kill(pid, sig)
-                if sig == signal.SIGTERM:
-                    os.kill(pid, signal.SIGCONT)   # a stopped process must run to see the TERM
-            except ProcessLookupError:
-                pass
-        if sig != signal.SIGKILL or not found:
-            return
-        if root == os.getpid():
-            try:
-                while os.waitpid(-1, os.WNOHANG)[0]:
-                    pass
-            except ChildProcessError:
-                pass
-        time.sleep(0.005)
-
-
-def _sbx_isolate(libc, cfg: dict) -> list[str]:
-    """Namespace tier, as root inside fresh mount + net namespaces: build the sandbox's own root
-    from `cfg["plan"]` (see `root_plan`) on a tmpfs, `pivot_root` into it and detach the host's
-    root, so no host path is reachable that the plan did not mount; then everything but the
-    writable mounts (workspace, tmpfs) becomes read-only and loopback comes up.
-    Returns warnings (mounts that could not be made read-only)."""
-    import ctypes
-    import fcntl
-    import os
-    import re
-    import socket
-    import struct
-
-    RDONLY, NOSUID, NODEV, NOEXEC, REMOUNT, BIND, REC, PRIVATE = 1, 2, 4, 8, 32, 4096, 16384, 1 << 18
-    per_mount = {"nosuid": NOSUID, "nodev": NODEV, "noexec": NOEXEC, "noatime": 1024,
-                 "nodiratime": 2048, "relatime": 1 << 21}
-
-    def mount(src, target, fstype, flags, data=None):
-        enc = (lambda s: s.encode() if s is not None else None)
-        if libc.mount(enc(src), enc(target), enc(fstype), flags, enc(data)) != 0:
-            e = ctypes.get_errno()
-            raise OSError(e, f"mount {target}: {os.strerror(e)}")
-
-    def mkpoint(target, like_dir):
-        os.makedirs(target if like_dir else os.path.dirname(target), exist_ok=True)
-        if not like_dir and not os.path.lexists(target):
-            open(target, "a").close()
-
-    new = cfg["root"]
-    mount(None, "/", None, REC | PRIVATE)
-    mount("tmpfs", new, "tmpfs", NOSUID | NODEV, "size=4m,mode=0755")
-    writable = []
-    for kind, src, dst in cfg["plan"]:
-        t = new + dst
-        if kind == "link":
-            os.makedirs(os.path.dirname(t), exist_ok=True)
-            os.symlink(src, t)
-        elif kind == "dir":
-            os.makedirs(t, exist_ok=True)
-        elif kind in ("ro", "bind"):
-            mkpoint(t, os.path.isdir(src))
-            mount(src, t, None, BIND | REC)
-            if kind == "bind":
-                writable.append(dst)
-        elif kind == "tmpfs":
-            mkpoint(t, True)
-            mode = "1777" if dst.endswith(("tmp", "shm")) else "0755"
-            mount("tmpfs", t, "tmpfs", NOSUID | NODEV, f"size={src}m,mode={mode}")
-            writable.append(dst)
-        elif kind == "proc":
-            mkpoint(t, True)
-            mount("proc", t, "proc", NOSUID | NODEV | NOEXEC)
-        elif kind == "dev":                    # a minimal /dev: the harmless nodes, links, pts
-            mkpoint(t, True)
-            mount("tmpfs", t, "tmpfs", NOSUID, "size=64k,mode=0755")
-            for node in ("null", "zero", "full", "random", "urandom", "tty"):
-                mkpoint(f"{t}/{node}", False)
-                mount(f"/dev/{node}", f"{t}/{node}", None, BIND)
-            for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
-                                 ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2"),
-                                 ("ptmx", "pts/ptmx")):
-                os.symlink(target, f"{t}/{name}")
-            os.makedirs(f"{t}/pts")
-    os.chdir(new)                              # pivot_root(".", "."): the host's root ends up
-    nr = {"x86_64": 155, "aarch64": 41, "riscv64": 41, "ppc64le": 203, "s390x": 217}[os.uname().machine]
-    if libc.syscall(nr, b".", b".") != 0:      # stacked on ours; detach it for good
-        raise OSError(ctypes.get_errno(), "pivot_root failed")
-    if libc.umount2(b".", 2) != 0:             # MNT_DETACH
-        raise OSError(ctypes.get_errno(), "cannot detach the host's root")
-    os.chdir("/")
-    warnings = []
-    for line in open("/proc/self/mountinfo"):
-        fields = line.split()
-        mp = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[4])
-        if mp in writable or mp.startswith(("/proc", "/dev/")):
-            continue                           # (exposed prefixes under them do become read-only)
-        flags = sum(per_mount.get(o, 0) for o in fields[5].split(","))
-        try:
-            mount(None, mp, None, REMOUNT | BIND | RDONLY | flags)
-        except OSError as e:
-            warnings.append(f"{mp} stays writable: {e.strerror}")
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:    # SIOCSIFFLAGS lo UP|LOOPBACK|RUNNING
-        fcntl.ioctl(s, 0x8914, struct.pack("16sH22x", b"lo", 0x1 | 0x8 | 0x40))
-    return warnings
-
-
-_SBX_FUNCTIONS = (_sbx_init, _sbx_reaper, _sbx_kill_tree, _sbx_isolate)
+_SBX_FUNCTIONS = (sandbox_init._sbx_init, sandbox_init._sbx_reaper, sandbox_init._sbx_kill_tree,
+                  sandbox_init._sbx_reap, sandbox_init._sbx_isolate)
 
 
 def _init_source() -> str:
@@ -1525,69 +1181,7 @@ def require_isolation(backend: str, allow_unisolated: bool = False) -> str:
     return tier
 
 
-# ============================================================================ 7. tasks (PaperBench folders)
-
-DEFAULT_INSTRUCTIONS = """\
-You are asked to reproduce the research paper in /home/paper/paper.md (clarifications and scope in
-/home/paper/addendum.md). Read the paper through first: the other tools are refused until you have.
-
-Write your reproduction as a git repository in /home/submission/. Its root must hold reproduce.sh,
-which runs the whole reproduction (it will be run as `bash reproduce.sh` in a fresh copy of the
-repository) and writes the results, and a README.md saying what you did and where the results are.
-Commit your work regularly.
-
-Do not use the resources listed in /home/paper/blacklist.txt (such as the paper's official code):
-commands that refer to them are refused, and using them disqualifies the run.
-Call end_task when you are done.
-"""
-HIDDEN = ("rubric.json", "config.yaml", "instructions.txt")   # never copied to /home/paper
-
-
-@dataclass
-class Task:
-    """A PaperBench-format task folder (docs/ARCHITECTURE.md "Task"), as the agent will see it."""
-    id: str
-    dir: Path
-    title: str
-    paper: str                  # paper.md
-    addendum: str               # addendum.md ("" when absent)
-    blacklist: list[str]        # blacklist.txt, one URL a line ("none" = empty)
-    instructions: str           # instructions.txt of the folder, else DEFAULT_INSTRUCTIONS
-
-
-def load_task(task_dir) -> Task:
-    """Read a task folder; errors name the file and what was expected."""
-    d = Path(task_dir)
-    if not (d / "paper.md").is_file():
-        raise FileNotFoundError(f"{d / 'paper.md'}: missing; a task folder needs paper.md "
-                                f"(factory.py converts paper.pdf)")
-    config = {}
-    if (d / "config.yaml").is_file():
-        config = yaml.safe_load((d / "config.yaml").read_text()) or {}
-        if not isinstance(config, dict):
-            raise ValueError(f"{d / 'config.yaml'}: expected a mapping with 'id' and 'title'")
-    bl = (d / "blacklist.txt").read_text().split("\n") if (d / "blacklist.txt").is_file() else []
-    read = (lambda name: (d / name).read_text() if (d / name).is_file() else "")
-    return Task(id=str(config.get("id", d.name)), dir=d, title=str(config.get("title", d.name)),
-                paper=read("paper.md"), addendum=read("addendum.md"),
-                blacklist=[u.strip() for u in bl if u.strip() and u.strip().lower() != "none"],
-                instructions=read("instructions.txt") or DEFAULT_INSTRUCTIONS)
-
-
-def lay_out_task(box: Sandbox, task: Task) -> None:
-    """PaperBench's layout: the task folder (minus rubric, config and judge files) in /home/paper,
-    the instructions in /home/instructions.txt, and /home/submission as a fresh git repository."""
-    for item in sorted(task.dir.iterdir()):
-        if item.name not in HIDDEN and not item.name.startswith(("judge", ".")):
-            box.upload(item, f"{PAPER_DIR}/{item.name}")
-    box.write_file(f"{HOME}/instructions.txt", task.instructions)
-    r = box.exec(f"mkdir -p {box.inside(SUBMISSION)} && cd {box.inside(SUBMISSION)} && git init -q",
-                 60, cwd=HOME)
-    if r.exit_code != 0:
-        log.warning("sandbox: %s is not a git repository: %s", SUBMISSION, r.output.strip())
-
-
-# ============================================================================ 8. command line
+# ============================================================================ 7. command line
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)

@@ -21,7 +21,9 @@ DOCS = ROOT / "docs"
 
 # Lowest first. A module may import modules of lower layers, or of its own layer without a cycle.
 LAYERS: list[set[str]] = [
-    {"chat", "split", "kernels", "dist", "cli"},    # plumbing and the pure math of splitting
+    {"chat", "split", "kernels", "dist", "cli", "task", "sandbox_init", "tracking"},   # plumbing,
+                                                    # splitting math, the task layout, the
+                                                    # in-sandbox init, metrics logging
     {"sandbox"},                                    # backends + PaperBench task layout
     {"judge"},                                      # rubric trees, graders, aggregation
     {"judge_queue", "agent"},                       # the priority queue; the agent scaffold
