@@ -26,9 +26,16 @@ Departures from PaperBench's SimpleJudge, and gaps it leaves (each repeated wher
   differ only in their digits are collapsed first.
 - The file listing shown for ranking is one path per line, cut to the budget (PaperBench draws a tree
   and retries at depth 4). Symlinks in the submission are never read (they could point at the host).
-- Outage vs bad answer: an endpoint still failing after its retries raises JudgeUnavailable, so the
-  whole grading fails (docs/ARCHITECTURE.md 6: a failed rollout leaves the group, it is not scored 0).
-  Only a leaf's own unusable answer (or a request the endpoint refuses) makes that leaf invalid.
+- Never a silent 0 (docs/ARCHITECTURE.md 6: a failed rollout leaves the group, it is not scored
+  0). An endpoint still failing after its retries raises JudgeUnavailable: the whole grading
+  fails. A leaf's own unusable answer (or a request the endpoint refuses) makes that leaf invalid
+  and counted; when invalid leaves hold more than `max_invalid` (10 %) of the rubric's weight
+  (invalid_share), grade_submission raises InvalidJudgment instead of returning a score. HTTP
+  401/403/404 raise JudgeAccessError at the first call (the first leaf is judged alone) and every
+  later call fails at once. PaperBench scores invalid leaves 0 and reports the run.
+- Reproduction runs by default when Code Execution / Result Analysis leaves are graded from
+  evidence (PaperBench: whenever the rubric has them); a leaf with an executable check reads the
+  submission as it is, so synthetic tasks (all checks, no reproduce.sh) are not reproduced.
 - Duplicate ids on different branches are rejected, naming both tree paths; an id repeated down
   one path (PaperBench's hex_flag_context fixture restates its root) is accepted. Nodes are
   addressed by tree position, a tuple of child indices from the root.
@@ -521,9 +528,10 @@ class JudgeRequestError(RuntimeError):
     invalid."""
 
 
-class JudgeAccessError(RuntimeError):
+class JudgeAccessError(UserError):
     """The judge cannot work at all: HTTP 401/403 (key) or 404 (unknown model or wrong URL). Not a
-    JudgeFailure: nothing is retried or dropped, the run stops at the first call."""
+    JudgeFailure: nothing is retried or dropped, the run stops at the first call; a user error
+    (the key, model or URL to fix), so the CLIs print it as one line and exit 2."""
 
 
 @dataclass

@@ -134,7 +134,7 @@ def test_cli_grade_with_a_rejected_key_says_so_in_one_line(canned, tmp_path):
     out = subprocess.run([sys.executable, str(REPO / "judge.py"), "grade", str(task), str(sub),
                           "--grader", f"openai:judge-model@{server.url}"],
                          capture_output=True, text=True, timeout=120)
-    assert out.returncode == 1 and out.stdout == ""
+    assert out.returncode == 2 and out.stdout == ""      # the user's key to fix: exit 2
     assert len(out.stderr.strip().splitlines()) == 1
     assert "HTTP 401" in out.stderr and "OPENAI_API_KEY" in out.stderr
     assert len(server.requests) == 1

@@ -177,3 +177,39 @@ def test_close_can_cancel_pending_jobs():
         waiting.result(timeout=1)
     with pytest.raises(RuntimeError, match="closed"):
         q.submit(lambda: None)
+
+
+def test_drain_hands_back_the_jobs_that_never_ran_and_lets_the_running_one_finish():
+    """A graceful stop (grpo persists what drain returns): unstarted jobs come back by priority
+    with their payloads, their callbacks never fire, the running job completes."""
+    q = JudgeQueue(workers=1, backoff=FAST)
+    release = gate_jobs(q, 1)
+    fired = []
+    jobs = [q.submit(lambda: 1, prio, name=name, payload={"name": name})
+            for name, prio in [("t1", Priority.TRAIN), ("e1", Priority.EVAL), ("t2", Priority.TRAIN)]]
+    for job in jobs:
+        job.add_done_callback(fired.append)
+    left = []
+    t = threading.Thread(target=lambda: left.extend(q.drain()))
+    t.start()
+    deadline = time.monotonic() + 10
+    while q.pending() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    release.set()
+    t.join(10)
+    assert [j.payload["name"] for j in left] == ["e1", "t1", "t2"] and fired == []
+    assert all(j.attempts == 0 for j in left)
+    with pytest.raises(JudgeFailure, match="handed back by drain"):
+        left[0].result(timeout=1)
+    with pytest.raises(RuntimeError, match="closed"):
+        q.submit(lambda: 1)
+
+
+def test_a_fatal_error_is_not_retried_and_is_raised_as_it_is():
+    with JudgeQueue(workers=1, backoff=FAST) as q:
+        def refuse():
+            raise judge.JudgeAccessError("HTTP 401")
+        job = q.submit(refuse)
+        with pytest.raises(judge.JudgeAccessError, match="HTTP 401"):
+            job.result(timeout=5)
+    assert job.attempts == 1
