@@ -318,6 +318,9 @@ def cut_message(message: dict, target: int, count: Count) -> dict:
                      f"(even the empty cut needs {have})")
 
 
+_MARKERS: dict[Count, list[int]] = {}
+
+
 class _Splitter:
     """State for splitting one message list: token counts, turns, cached cuts and contexts.
 
@@ -346,10 +349,18 @@ class _Splitter:
                              "raise context_len")
         self.H = min(int(cfg.history * self.B), self.B - cfg.reserve)   # Cᵢ's share of B
         self._cuts: dict[tuple[int, int], dict] = {}                 # (j, target) -> cut
-        self._short: dict[tuple[int, float], dict] = {}              # (j, frac) -> shortened
+        self._short: dict[tuple[int, float], tuple[dict, int]] = {}  # (j, frac) -> shortened
         self._older: dict[tuple[int, int], tuple[dict, int]] = {}    # (j, age) -> version
-        self._markers = [0]                # running max of count(omitted_marker(k)), k = 0, 1, …
+        # running max of count(omitted_marker(k)), k = 0, 1, …: shared by the splitters of one
+        # counter (build_context makes one per agent step)
+        self._markers = _MARKERS.setdefault(count, [0])
+        if len(_MARKERS) > 16:
+            _MARKERS.pop(next(iter(_MARKERS)))
         self._greedy: dict[int, tuple] = {}
+        self._sizes: dict[tuple[int, int], int] = {}
+        self._cum = [0]
+        for x in self.n:
+            self._cum.append(self._cum[-1] + x)
         self._fitted_new: dict[int, list | None] = {}
 
     # -- cutting one message or one turn
@@ -365,7 +376,7 @@ class _Splitter:
 
     def turn_tokens(self, t: int) -> int:
         a, b = self.turns[t]
-        return sum(self.n[a:b])
+        return self._cum[b] - self._cum[a]
 
     def fit_min(self, t: int) -> int:
         """Fewest tokens turn t can be cut to: its actions whole, observations at MIN_CUT."""
@@ -405,9 +416,9 @@ class _Splitter:
             head, tail = keep - keep // 2, keep // 2
             cut = {**self.m[j], "content": text[:head] + f"\n[... {len(text) - keep} "
                    f"characters omitted ...]\n" + (text[len(text) - tail:] if tail else "")}
-            self._short[key] = cut if self.count(cut) < self.n[j] else self.m[j]
-        c = self._short[key]
-        return c, self.count(c)
+            n = self.count(cut)
+            self._short[key] = (cut, n) if n < self.n[j] else (self.m[j], self.n[j])
+        return self._short[key]
 
     def marker(self, s: int) -> int:
         """max over k ≤ s of count(omitted_marker(k)): the room C reserves for its marker."""
@@ -449,10 +460,11 @@ class _Splitter:
         if key not in self._older:
             keep = self.cfg.keep
             best = (self.m[j], self.n[j])
-            for frac in keep[:min(age, len(keep) - 1) + 1]:
+            for frac in reversed(keep[:min(age, len(keep) - 1) + 1]):   # smallest fraction first
                 cand = self.shorten(j, frac)
-                if _kept_chars(cand[0]) < _kept_chars(best[0]):
+                if cand[0] is not self.m[j]:      # a real cut: no larger fraction keeps fewer
                     best = cand
+                    break
             try:
                 cut = self.newest(t)
             except SplitError:           # C(t+1) cannot be built, so no C held that cut
@@ -466,26 +478,41 @@ class _Splitter:
 
     # -- Cᵢ
 
+    def _turn_at(self, t: int, age: int) -> list[tuple[int, dict, int]]:
+        """Turn t as an older turn of age `age` in C: actions whole, observations by `older`."""
+        return [(j, self.m[j], self.n[j]) if self.m[j]["role"] == "assistant"
+                else (j, *self.older(j, t, age)) for j in range(*self.turns[t])]
+
+    def _size_at(self, t: int, age: int) -> int:
+        """Tokens of `_turn_at(t, age)`, cached (ages past the schedule's end share one size)."""
+        key = (t, min(age, len(self.cfg.keep) - 1))
+        n = self._sizes.get(key)
+        if n is None:
+            n = self._sizes[key] = sum(x[2] for x in self._turn_at(t, key[1]))
+        return n
+
     def _greedy_context(self, s: int):
-        """C(s) before the progressive-drop rule: (V items, V tokens, v, older items by turn,
-        first kept turn g(s)). V: the fewest whole turns just before s holding ≥ `overlap`
+        """C(s) before the progressive-drop rule: (V items, V tokens, v, ages of the older turns
+        kept, first kept turn g(s)). V: the fewest whole turns just before s holding ≥ `overlap`
         tokens within room(s), the newest turn always (cut by `newest` when over-long); older
         turns newest first at keep[age], while they fit history(s)."""
         if s in self._greedy:
             return self._greedy[s]
         cfg = self.cfg
         room = self.room(s)
-        v, v_tok, V = s, 0, []
+        v, v_tok = s, 0
         cut = self.newest(s - 1)
         if cut is not None:                 # the newest turn always stays, over-long: cut
-            V, v, v_tok = list(cut), s - 1, sum(x[2] for x in cut)
+            v, v_tok = s - 1, sum(x[2] for x in cut)
         while cut is None and v > 0 and (v == s or v_tok < cfg.overlap):
             n = self.turn_tokens(v - 1)
             if v_tok + n > room:
                 break
-            V = [(j, self.m[j], self.n[j]) for j in range(*self.turns[v - 1])] + V
             v, v_tok = v - 1, v_tok + n
-        older: dict[int, list] = {}
+        V = list(cut) if cut is not None else [
+            (j, self.m[j], self.n[j]) for j in range(self.turns[v][0] if v < s else 0,
+                                                       self.turns[s - 1][1] if v < s else 0)]
+        older: dict[int, int] = {}          # turn -> its age in C(s)
         t = v - 1
         if cfg.mode == "klong":
             budget = self.H - self.marker(s) - v_tok
@@ -493,12 +520,10 @@ class _Splitter:
                 age = v - 1 - t
                 if cfg.keep[min(age, len(cfg.keep) - 1)] <= 0:
                     break
-                pieces = [(j, self.m[j], self.n[j]) if self.m[j]["role"] == "assistant"
-                          else (j, *self.older(j, t, age)) for j in range(*self.turns[t])]
-                size = sum(x[2] for x in pieces)
+                size = self._size_at(t, age)
                 if size > budget:
                     break
-                older[t], budget, t = pieces, budget - size, t - 1
+                older[t], budget, t = age, budget - size, t - 1
         out = (V, v_tok, v, older, t + 1)
         self._greedy[s] = out
         return out
@@ -525,7 +550,7 @@ class _Splitter:
                 d = max(d, self._greedy_context(x)[4])
             except SplitError:           # a C(x) that cannot be built constrains nothing
                 pass
-        items = [x for t in sorted(older) if t >= d for x in older[t]] + V
+        items = [x for t in sorted(older) if t >= d for x in self._turn_at(t, older[t])] + V
         if self.cfg.mode == "klong" and d > 0:
             items = [(-1, omitted_marker(d), self.count(omitted_marker(d)))] + items
         v_start = self.turns[v][0] if v < s else self.turns[s][0] if s < len(self.turns) \
@@ -786,6 +811,10 @@ _PART_STYLE = {               # part -> (label, background colour)
 }
 
 
+_PART_SHORT = {"p": "p", "marker": "marker", "c_cut": "Cᵢ truncated", "c_whole": "Cᵢ whole",
+               "w_action": "Wᵢ actions", "w_obs": "Wᵢ observations"}
+
+
 def _part_of(traj: Trajectory, sub: SubTrajectory, k: int, w0: int) -> str:
     j = sub.source[k]
     if k < sub.prefix_len:
@@ -830,7 +859,7 @@ def render_html(traj: Trajectory, subs: list[SubTrajectory], count: Count,
                 f'<pre>{escape(text)}</pre></div>')
         total = sum(tokens.values())
         counts = " · ".join(f'<span class="chip" style="background:{_PART_STYLE[p][1]}">'
-                            f"{escape(_PART_STYLE[p][0].split(':')[0])} {n}</span>"
+                            f"{escape(_PART_SHORT[p])} {n}</span>"
                             for p, n in tokens.items() if n)
         rows.append(f'<section><h2>τ<sup>({sub.index + 1})</sup> — {total} / {cfg.context_len} '
                     f'tokens</h2><p class="counts">{counts}</p>{"".join(cells)}</section>')
