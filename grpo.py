@@ -64,7 +64,8 @@ import agent
 import sandbox
 import split
 from sampler import BatchedSampler, Unsupported
-from model import (_truncate_log, atomic_write_text, checkpoint_dtype, latest_checkpoint,
+from model import (_truncate_log, append_line, atomic_write_text, drop_torn_tail,
+                   checkpoint_dtype, latest_checkpoint,
                    load_checkpoint, load_model, packed_logprobs, rng_state, save_checkpoint,
                    set_rng_state)
 from tracking import Tracker
@@ -344,6 +345,7 @@ class RolloutManager:
         self.shared, self.queue, self.grader, self.cfg = shared, queue, grader, cfg
         self.pool = ThreadPoolExecutor(cfg.rollout_workers, thread_name_prefix="rollout")
         self.log_path, self.work_dir = log_path, work_dir
+        drop_torn_tail(log_path)                 # a kill mid-append leaves a partial last line
         self.groups: dict[str, list[Rollout]] = {}
         self.expected: dict[str, int] = {}
         self.pending: list[Future] = []
@@ -416,8 +418,7 @@ class RolloutManager:
     def _add(self, r: Rollout) -> None:
         with self.lock:
             self.groups.setdefault(r.group, []).append(r)
-            with open(self.log_path, "a") as f:
-                f.write(json.dumps(asdict(r)) + "\n")
+            append_line(self.log_path, json.dumps(asdict(r)))   # one write: whole or torn tail
 
     def wait_groups(self, names: list[str]) -> list[list[Rollout]]:
         while True:

@@ -236,6 +236,28 @@ def _json_or_none(line: str):
     return d if isinstance(d, dict) else None
 
 
+def append_line(path, line: str) -> None:
+    """Append one JSONL line with a single write on an O_APPEND descriptor: a kill leaves the
+    file with the line whole, absent, or (a very long line, rarely) a torn tail that
+    `drop_torn_tail` removes before the file is read again."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, (line + "\n").encode())
+    finally:
+        os.close(fd)
+
+
+def drop_torn_tail(path) -> None:
+    """Cut a last line that a kill left without its newline or unparsable (atomic rewrite)."""
+    path = Path(path)
+    if not path.exists():
+        return
+    text = path.read_text(errors="replace")
+    lines = text.splitlines()
+    if lines and (not text.endswith("\n") or _json_or_none(lines[-1]) is None):
+        atomic_write_text(path, "".join(ln + "\n" for ln in lines[:-1]))
+
+
 def atomic_write_text(path, text: str) -> None:
     """Write a file so that a kill at any moment leaves either the old or the new content:
     a temporary file beside it, fsync, then rename over it (atomic on POSIX)."""
