@@ -73,3 +73,14 @@ def write(path: Path, result: dict) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n")
     return path
+
+
+def write_readme_block(begin: str, end: str, md: str) -> None:
+    """Replace what stands between the markers `begin` and `end` in README.md with md (the
+    README quotes generated tables, never numbers typed by hand: docs/BENCH.md)."""
+    path = ROOT / "README.md"
+    text = path.read_text()
+    if begin not in text or end not in text:
+        raise SystemExit(f"README.md: the markers {begin} … {end} are missing")
+    head, rest = text.split(begin, 1)
+    path.write_text(head + begin + "\n" + md + "\n" + end + rest.split(end, 1)[1])

@@ -87,15 +87,6 @@ def markdown(res: dict) -> str:
             + "".join(f" Seed {r['seed']}: {r['note']}." for r in res["runs"] if r.get("note")))
 
 
-def write_readme(md: str) -> None:
-    path = ROOT / "README.md"
-    text = path.read_text()
-    if BEGIN not in text or END not in text:
-        raise SystemExit(f"README.md: the markers {BEGIN} … {END} are missing")
-    head, rest = text.split(BEGIN, 1)
-    path.write_text(head + BEGIN + "\n" + md + "\n" + END + rest.split(END, 1)[1])
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seeds", default="0,1,2,3", help="comma-separated --seed values")
@@ -111,7 +102,7 @@ def main(argv=None) -> int:
     res = collect(a.out, seeds)
     common.write(ROOT / "bench" / "results" / "main_job-cpu.json", res)
     md = markdown(res)
-    write_readme(md)
+    common.write_readme_block(BEGIN, END, md)
     print(md, flush=True)
     return 0
 
