@@ -656,6 +656,8 @@ def run_rl(cfg) -> Path:
                       "staleness": statistics.fmean(stale or [0]), "dropped_stale": dropped,
                       "failed": failed, "rollouts": len(done)}
 
+    if dist.is_main():
+        drop_torn_tail(out / "log.jsonl")                       # a kill mid-write leaves no torn line
     log = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()] \
         if (out / "log.jsonl").exists() else []
     tracker = Tracker(out, cfg.report_to, prefix="rl", main=dist.is_main())

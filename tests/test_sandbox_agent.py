@@ -394,7 +394,7 @@ def test_local_policy_turns_an_unparsable_reply_into_a_nudge(tiny, tmp_path):
 def test_a_local_policy_episode_records_every_sample_with_its_exact_context(tiny, tmp_path):
     import chat
     tok, model = tiny
-    cfg = split.SplitConfig(context_len=400, overlap=32, reserve=48)
+    cfg = split.SplitConfig(context_len=512, overlap=32, reserve=48)
     pol = A.LocalPolicy(model, tok, temperature=1.0, max_new_tokens=24, version=3, seed=2)
     ep = A.run_episode(pol, make_task(tmp_path, HEX_PAPER), A.Budget(max_turns=12, context=cfg),
                        backend="local", system_prompt="You are an agent.")
