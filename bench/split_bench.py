@@ -163,7 +163,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=6, help="timed SFT steps per variant")
     a = ap.parse_args()
     torch.manual_seed(0)
-    cfg = klong.Config()
+    cfg = klong.Config(context_len=512)   # the SFT rows of this benchmark: p ~286 tokens
     tok = tiny_tokenizer(cfg)
     res = common.header("split_bench")
     big = split.SplitConfig(context_len=4096, overlap=256, history=0.3)   # a 300-word paper in p
