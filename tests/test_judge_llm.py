@@ -3,50 +3,35 @@ outages against a loopback OpenAI-compatible server with canned replies; the loc
 grader with a tiny random model."""
 import json
 import os
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
 import judge
 import judge_queue
+from tests.loopback import JsonEndpoint
 
 GOOD = "# Expectations\nA loss function as in eq. 3.\n# Reality\nmain.py defines it.\n# Score\n1"
 FAST = judge.Backoff(attempts=3, base_s=0.01, factor=2.0)
 
 
-class CannedJudge:
+class CannedJudge(JsonEndpoint):
     """A loopback /v1/chat/completions server: `respond(body) -> (status, text)`; every request
     body is recorded."""
 
     def __init__(self, respond):
-        self.respond, self.requests, self.lock = respond, [], threading.Lock()
-        outer = self
+        def answer(path, body):
+            status, text = respond(body)
+            return status, ({"choices": [{"message": {"role": "assistant", "content": text}}],
+                             "usage": {"prompt_tokens": 10, "completion_tokens": 5}}
+                            if status == 200 else {"error": text})
+        super().__init__(answer, poll_interval=0.05)
+        self.url += "/v1"
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                with outer.lock:
-                    outer.requests.append(body)
-                status, text = outer.respond(body)
-                payload = json.dumps({"choices": [{"message": {"role": "assistant", "content": text}}],
-                                      "usage": {"prompt_tokens": 10, "completion_tokens": 5}}
-                                     if status == 200 else {"error": text}).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(payload)))
-                self.end_headers()
-                self.wfile.write(payload)
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05},
-                         daemon=True).start()
+    @property
+    def requests(self) -> list[dict]:
+        return [body for _, body in self.calls]
 
     def grading_requests(self) -> list[dict]:
         return [r for r in self.requests if r["messages"][0]["content"] != judge.RANKING_PROMPT]
@@ -61,8 +46,7 @@ def canned():
         return servers[-1]
     yield start
     for s in servers:
-        s.server.shutdown()
-        s.server.server_close()
+        s.close()
 
 
 def criterion(body: dict) -> str:

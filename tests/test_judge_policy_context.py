@@ -3,63 +3,45 @@ OpenAIPolicy given the endpoint's window builds every prompt with split's contex
 sends an over-long one; an HTTP 400 about the context gets the context rebuilt smaller and one
 more try, then the episode ends with the reason recorded. Against a loopback server that counts the
 prompt as sent and enforces a limit."""
-import http.server
 import json
-import threading
 from pathlib import Path
 
 import pytest
 
 import agent as A
+from tests.loopback import JsonEndpoint
 from tests.test_judge_guards import make_task
 
 TOO_LONG = "This model's maximum context length is {limit} tokens. However, you requested {n} tokens."
 
 
-class LimitedEndpoint:
+class LimitedEndpoint(JsonEndpoint):
     """/v1/chat/completions refusing (HTTP 400, vLLM's wording) any request whose prompt (messages
     and tools, as sent, json_tokens) plus max_tokens passes `limit`, or any request after the
     first `refuse_after`; otherwise it reads the paper, then prints 600 numbers every turn."""
 
     def __init__(self, limit: int, refuse_after: int | None = None):
-        self.limit, self.refuse_after, self.bodies, self.refused = limit, refuse_after, [], 0
-        outer = self
+        self.limit, self.refuse_after, self.refused = limit, refuse_after, 0
+        super().__init__(self.answer)
 
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                outer.bodies.append(body)
-                n = sum(A.json_tokens(m) for m in body["messages"]) + A.json_tokens(body["tools"])
-                n += body.get("max_tokens") or 0
-                late = outer.refuse_after is not None and len(outer.bodies) > outer.refuse_after
-                if n > outer.limit or late:
-                    outer.refused += 1
-                    code, payload = 400, {"error": {"message": TOO_LONG.format(limit=outer.limit, n=n)}}
-                else:
-                    turn = sum(m["role"] == "assistant" for m in body["messages"])
-                    name, args = (("read_file_chunk", {"file": "/home/paper/paper.md"})
-                                  if len(outer.bodies) == 1 else ("bash", {"cmd": "seq 1 600"}))
-                    code, payload = 200, {"choices": [{"message": {
-                        "role": "assistant", "content": None, "tool_calls": [
-                            {"id": f"call_{len(outer.bodies)}_{turn}", "type": "function",
-                             "function": {"name": name, "arguments": json.dumps(args)}}]}}]}
-                data = json.dumps(payload).encode()
-                self.send_response(code)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+    @property
+    def bodies(self) -> list[dict]:
+        return [body for _, body in self.calls]
 
-            def log_message(self, *a):
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
+    def answer(self, path: str, body: dict) -> tuple[int, dict]:
+        n = sum(A.json_tokens(m) for m in body["messages"]) + A.json_tokens(body["tools"])
+        n += body.get("max_tokens") or 0
+        late = self.refuse_after is not None and len(self.calls) > self.refuse_after
+        if n > self.limit or late:
+            self.refused += 1
+            return 400, {"error": {"message": TOO_LONG.format(limit=self.limit, n=n)}}
+        turn = sum(m["role"] == "assistant" for m in body["messages"])
+        name, args = (("read_file_chunk", {"file": "/home/paper/paper.md"})
+                      if len(self.calls) == 1 else ("bash", {"cmd": "seq 1 600"}))
+        return 200, {"choices": [{"message": {
+            "role": "assistant", "content": None, "tool_calls": [
+                {"id": f"call_{len(self.calls)}_{turn}", "type": "function",
+                 "function": {"name": name, "arguments": json.dumps(args)}}]}}]}
 
 
 @pytest.fixture

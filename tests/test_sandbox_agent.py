@@ -1,11 +1,9 @@
 """agent.py on sandbox.py: tools, blacklist, the episode loop with KLong's scaffold guards and
 context management, and the three policies (scripted, local transformers model with prompt
 caching, OpenAI-compatible endpoint on a loopback server)."""
-import http.server
 import json
 import re
 import shutil
-import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -17,6 +15,7 @@ from hypothesis import given
 import agent as A
 import sandbox as S
 import split
+from tests.loopback import JsonEndpoint
 from tests.strategies import blacklist_urls
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "paperbench"
@@ -413,40 +412,23 @@ def test_a_local_policy_episode_records_every_sample_with_its_exact_context(tiny
 
 # ----------------------------------------------------------------------------- OpenAIPolicy (loopback server)
 
-class FakeEndpoint:
+class FakeEndpoint(JsonEndpoint):
     """A loopback chat-completions server: fails the first `fail` requests with `status`, then
-    answers from `script(body)`; records every request body."""
+    answers from `script(body)`; records every (path, body) in `bodies`."""
 
     def __init__(self, script, fail: int = 0, status: int = 500):
-        self.script, self.fail, self.status, self.bodies = script, fail, status, []
-        outer = self
+        self.script, self.fail, self.status = script, fail, status
+        super().__init__(self.answer)
 
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                outer.bodies.append((self.path, body))
-                if outer.fail > 0:
-                    outer.fail -= 1
-                    code, payload = outer.status, {"error": "busy"}
-                else:
-                    code, payload = 200, {"choices": [{"message": outer.script(body)}]}
-                data = json.dumps(payload).encode()
-                self.send_response(code)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+    @property
+    def bodies(self) -> list[tuple[str, dict]]:
+        return self.calls
 
-            def log_message(self, *a):
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
+    def answer(self, path: str, body: dict) -> tuple[int, dict]:
+        if self.fail > 0:
+            self.fail -= 1
+            return self.status, {"error": "busy"}
+        return 200, {"choices": [{"message": self.script(body)}]}
 
 
 def openai_call(name: str, n: int, **args) -> dict:
