@@ -2,8 +2,6 @@
 executable checks, rejection sampling, resume after an interruption, the prefix-dependence of real
 trajectories under split.py's context builder. Everything runs for real in the local sandbox."""
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
@@ -15,6 +13,7 @@ import agent
 import sandbox
 import split
 from factory import FactoryConfig
+from tests.loopback import JsonEndpoint
 
 
 def lines(path) -> list[dict]:
@@ -82,29 +81,13 @@ def test_a_rerun_skips_finished_tasks_and_attempts_after_an_interruption(tmp_pat
         factory.run_factory(small(tmp_path, noise=0.1), backend="local")
 
 
-class Teacher:
+class Teacher(JsonEndpoint):
     """A loopback chat-completions server: HTTP 400 (a broken teacher), or always the same reply."""
 
     def __init__(self, reply: dict | None):
-        teacher = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_POST(self):
-                self.rfile.read(int(self.headers["Content-Length"]))
-                body = json.dumps({"choices": [{"message": teacher.reply}]} if teacher.reply
-                                  else {"error": "bad request"}).encode()
-                self.send_response(200 if teacher.reply else 400)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-        self.reply = reply
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-        threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
+        super().__init__(lambda path, body: (200, {"choices": [{"message": reply}]}) if reply
+                         else (400, {"error": "bad request"}), poll_interval=0.05)
+        self.url += "/v1"
 
 
 def test_endpoint_teacher_failures_are_recorded_not_scored_zero(tmp_path):
@@ -119,8 +102,7 @@ def test_endpoint_teacher_failures_are_recorded_not_scored_zero(tmp_path):
                                    teacher=f"openai:m@{reader.url}", backend="local")
     finally:
         for t in (broken, reader):
-            t.server.shutdown()
-            t.server.server_close()
+            t.close()
     assert (failed.attempts, failed.failed, failed.kept, sum(failed.score_hist)) == (1, 1, 0, 0)
     [record] = lines(tmp_path / "a" / "attempts.jsonl")
     assert record["score"] is None and "HTTP 400" in record["meta"]["error"]
