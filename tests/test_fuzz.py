@@ -12,6 +12,7 @@ the issue asks).
 """
 import json
 import math
+import os
 
 from hypothesis import given
 from hypothesis import strategies as st
@@ -28,6 +29,13 @@ JSON = st.recursive(
     lambda kids: st.lists(kids, max_size=4) | st.dictionaries(st.text(max_size=8), kids, max_size=4),
     max_leaves=20)
 GOOD = make_trajectory(0, 3, 3, 0.0, 0)
+
+
+def count_case(**fields) -> None:
+    """bench/reliability.py counts the cases run: one JSON line each to $KLONG_RELIABILITY_LOG."""
+    if os.environ.get("KLONG_RELIABILITY_LOG"):
+        with open(os.environ["KLONG_RELIABILITY_LOG"], "a") as f:
+            f.write(json.dumps(fields) + "\n")
 
 
 @st.composite
@@ -65,6 +73,7 @@ def mutated_records(draw):
 @given(recs=st.lists(mutated_records(), min_size=1, max_size=3),
        raw=st.one_of(st.none(), st.binary(max_size=40), st.text(max_size=40)))
 def test_trajectory_files_raise_only_record_errors(tmp_path_factory, recs, raw):
+    count_case(fuzz="trajectory records")
     path = tmp_path_factory.mktemp("fuzz") / "data.jsonl"
     body = "".join(json.dumps(r) + "\n" for r in recs).encode()
     if raw is not None:                                   # a torn / binary / non-JSON line too
@@ -114,6 +123,7 @@ def rubric_trees(draw, depth=0):
 
 @given(tree=rubric_trees(), command=st.sampled_from(["validate", "aggregate"]))
 def test_judge_validate_and_aggregate_exit_0_or_2_in_one_line(tmp_path_factory, capsys, tree, command):
+    count_case(fuzz="rubric trees")
     path = tmp_path_factory.mktemp("rubric") / "rubric.json"
     path.write_text(json.dumps(tree))
     code = judge.main([command, str(path)])
@@ -137,6 +147,7 @@ VALUES = st.one_of(st.integers(-5, 70000).map(str), st.floats(allow_nan=True).ma
 
 @given(pairs=st.lists(st.tuples(st.sampled_from(FLAGS), VALUES), max_size=5))
 def test_config_values_give_a_config_or_exit_2(capsys, pairs):
+    count_case(fuzz="config values")
     argv = ["--stage", "sft"] + [x for flag, value in pairs for x in (flag, value)]
     got = []
     code = cli.run(lambda a: got.append(klong.parse_args(a)) or 0, argv, prog="klong.py")

@@ -27,6 +27,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.test_fuzz import count_case
+
 ROOT = Path(__file__).resolve().parents[1]
 KILLS = 50 if os.environ.get("HYPOTHESIS_PROFILE") == "thorough" else 10
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
@@ -49,7 +51,7 @@ def run_to_end(cmd) -> float:
 def kill_and_resume(cmd, length: float, seed: int) -> list[float]:
     """KILLS runs of `cmd`, each SIGKILLed at a uniform moment in [0, length); then one to the end."""
     rng = random.Random(seed)
-    moments = []
+    moments, killed = [], 0
     for _ in range(KILLS):
         at = rng.uniform(0, length)
         proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
@@ -59,8 +61,11 @@ def kill_and_resume(cmd, length: float, seed: int) -> list[float]:
         except subprocess.TimeoutExpired:
             proc.send_signal(signal.SIGKILL)
             proc.wait()
+            killed += 1
         moments.append(round(at, 2))
     run_to_end(cmd)
+    count_case(kill=cmd[cmd.index("--stage") + 1], points=len(moments), killed=killed,
+               run_s=round(length, 2))
     return moments
 
 
