@@ -507,6 +507,55 @@ def schedule(cfg, n_tasks: int) -> list[Step]:
 
 
 def training_tasks(cfg) -> list:
+# Stages by wall clock (`rl_wall_s` > 0; a departure for comparisons at equal wall time, issue 15
+# item 3: the paper gives each stage a number of hours of training, 2 h / 4 h / 6 h rollouts, not
+# a step count). The RL clock counts the step loop only (rollouts, updates, checkpoints; not the
+# greedy evaluations). Stage m may run until its deadline D_m = rl_wall_s · (n_1 + … + n_m) / Σ n
+# (n = rl_steps: the stages share the budget like their step counts; unused or overrun time
+# carries over). Steps are planned one ahead, when the current step's rollouts are requested (so
+# partial rollouts keep working): with ŝ_m = T_m · mean_j(d_j / T_j) the estimated duration of a
+# step of stage m from the finished steps' durations d_j and timeouts T_j (0 before any finished:
+# a rollout's cost grows with its timeout), the next step goes to the first stage m' ≥ m with
+#     clock + ŝ_m (the current step) + ŝ_m' ≤ D_m';
+# none: RL ends after the current step. The budget is kept up to the estimate's error.
+
+def stage_deadlines(wall_s: float, steps: tuple[int, ...]) -> list[float]:
+    """D_m = wall_s · (n_1 + … + n_m) / Σ n: the RL clock at which stage m's time is spent."""
+    total, acc, out = sum(steps), 0, []
+    for n in steps:
+        acc += n
+        out.append(wall_s * acc / total)
+    return out
+
+
+def plan_next_stage(clock_s: float, stage: int, timeouts: tuple[float, ...],
+                    deadlines: list[float], durations: list[tuple[float, float]]) -> int | None:
+    """The stage of the step after the current one (of stage `stage`, started at RL clock
+    `clock_s`), or None when no step fits (rule above); durations = finished steps' (d_j, T_j)."""
+    per_unit = sum(d / T for d, T in durations) / len(durations) if durations else 0.0
+    end = clock_s + per_unit * timeouts[stage]                      # the current step's end
+    for m in range(stage, len(timeouts)):
+        if end + per_unit * timeouts[m] <= deadlines[m]:
+            return m
+    return None
+
+
+def wall_step(cfg, n_tasks: int, index: int, stage: int) -> Step:
+    """Step `index` of a wall-clock run: its tasks depend on the seed and the index only (not on
+    how many steps earlier stages took), so a resumed run asks for the same."""
+    rng = random.Random(f"klong-rl-{cfg.seed}-{index}")
+    picks = rng.sample(range(n_tasks), min(cfg.tasks_per_step, n_tasks))
+    return Step(index, stage, cfg.rl_timeouts[stage], [(f"step{index}-task{t}", t) for t in picks])
+
+
+def _growing(steps: list[Step], start: int):
+    """The steps from `start`, including those appended while iterating (wall-clock planning)."""
+    k = start
+    while k < len(steps):
+        yield steps[k]
+        k += 1
+
+
     import synthetic
     tdir = Path(cfg.run_dir) / "factory" / "tasks"
     if not tdir.exists() or not any(tdir.iterdir()):
@@ -583,7 +632,10 @@ def run_rl(cfg) -> Path:
         training_tasks(cfg)                                     # made once, by rank 0
     dist.barrier()
     tasks = training_tasks(cfg)
-    steps = schedule(cfg, len(tasks))
+    # rl_wall_s: the steps are planned one ahead by the RL clock (stage_deadlines), not fixed
+    steps = [wall_step(cfg, len(tasks), 0, 0)] if cfg.rl_wall_s else schedule(cfg, len(tasks))
+    deadlines = stage_deadlines(cfg.rl_wall_s, cfg.rl_steps)
+    rl_clock = {"clock_s": 0.0, "cpu_s": 0.0, "durations": [], "stages": [0]}   # the RL clock
     resume = latest_checkpoint(out)
     init = _init_path(cfg)
     tok, model = load_model(cfg, init)
@@ -601,6 +653,9 @@ def run_rl(cfg) -> Path:
         set_rng_state(st["rng"])
         start, consumed = st["step"], set(st["consumed"])
         if dist.is_main():
+        rl_clock = st.get("wall", rl_clock)
+        if cfg.rl_wall_s:                    # the steps taken and the one planned next
+            steps = [wall_step(cfg, len(tasks), i, m) for i, m in enumerate(rl_clock["stages"])]
             _truncate_log(out / "log.jsonl", start)
         dist.print0(f"[rl] resumed from {resume} at step {start}")
     dist.print0(f"[rl] {len(tasks)} tasks, stages T={list(cfg.rl_timeouts)} ({cfg.rl_timeout_unit}), "
@@ -625,10 +680,16 @@ def run_rl(cfg) -> Path:
 
     def greedy_eval(step: int, desc: str) -> dict:
         """The held-out tasks, greedy, judged through this run's queue as EVAL jobs (ahead of
-        the training rollouts' backlog: resolution 8); logged as an evaluation point."""
+    excluded = {"s": 0.0, "cpu": 0.0}      # evaluation time inside the loop: not RL clock
+
+        the training rollouts' backlog: resolution 8); logged as an evaluation point. Its time
+        is left out of the RL clock."""
+        w0, c0 = time.perf_counter(), time.process_time()
         t = task_score(evaluate(shared, held_out, cfg, grader, queue, desc=desc))
         rec = {"step": step, "eval_score": t["score"], "eval_se": t["se"], "eval_n": t["n"],
                "eval_unscored": t["unscored"], "eval_end_rate": t["end_rate"],
+        excluded["s"] += time.perf_counter() - w0
+        excluded["cpu"] += time.process_time() - c0
                "eval_turns": t["turns"]}
         tracker.log(rec)
         log.append(rec)
@@ -643,6 +704,12 @@ def run_rl(cfg) -> Path:
         request(step)                             # no-op when it was started during the last step
         nxt = steps[step.index + 1] if step.index + 1 < len(steps) else None
         if nxt is not None and nxt.stage == step.stage:
+        if cfg.rl_wall_s and step.index + 1 == len(steps):    # plan the next step by the clock
+            m = plan_next_stage(rl_clock["clock_s"], step.stage, cfg.rl_timeouts, deadlines,
+                                rl_clock["durations"])
+            if m is not None:
+                steps.append(wall_step(cfg, len(tasks), step.index + 1, m))
+                rl_clock["stages"].append(m)
             request(nxt)                          # partial rollouts: the next step starts now
         groups = mgr.wait_groups([g for g, _ in step.groups])
         kept, failed, dropped, stale = screen_groups(groups, shared.version, cfg.max_staleness)
@@ -668,22 +735,33 @@ def run_rl(cfg) -> Path:
         b = greedy_eval(0, "eval before RL")
         before = {k: b[k] for k in ("score", "se", "n")}
         print(f"[rl] greedy held-out score before RL: {_fmt(before)}", flush=True)
-    bar = tqdm(total=len(steps), initial=start, desc="rl", unit="step", dynamic_ncols=True,
-               disable=not dist.is_main())
+    bar = tqdm(total=None if cfg.rl_wall_s else len(steps), initial=start, desc="rl", unit="step",
+               dynamic_ncols=True, disable=not dist.is_main())
+    excluded["s"] = excluded["cpu"] = 0.0          # the RL clock starts here
+    mark, cpu_mark = time.perf_counter(), time.process_time()
     previous = signal.signal(signal.SIGTERM, _interrupt) \
         if threading.current_thread() is threading.main_thread() else None
     try:
-        for step in steps[start:]:
+        for step in _growing(steps, start):
             t0 = time.perf_counter()
             kept, info = collect(step) if dist.is_main() else (None, {})
             kept = dist.broadcast(kept)                   # every rank: all groups of the step
             d = rl_update(model, ref_model, opt, kept, cfg, tok.pad_token_id)
             weights = dist.full_state_dict(model)
+            if cfg.rl_wall_s:                             # rank 0 planned the next step
+                steps[:] = dist.broadcast(steps)
             consumed |= {g for g, _ in step.groups}
             if dist.is_main():
                 shared.publish(weights, shared.version + 1)
                 rec = {"step": step.index + 1, "stage": step.stage, "timeout": step.timeout,
-                       **info, "step_s": time.perf_counter() - t0, **d}
+                       **info, "step_s": time.perf_counter() - t0, **d,
+                       "rl_clock_s": rl_clock["clock_s"], "rl_cpu_s": rl_clock["cpu_s"]}
+                now, cpu_now = time.perf_counter(), time.process_time()    # the RL clock
+                lap = now - mark - excluded["s"]
+                rl_clock["clock_s"] += lap
+                rl_clock["cpu_s"] += cpu_now - cpu_mark - excluded["cpu"]
+                rl_clock["durations"].append((lap, step.timeout))
+                mark, cpu_mark, excluded["s"], excluded["cpu"] = now, cpu_now, 0.0, 0.0
                 log.append(rec)
                 tracker.log(rec)
                 if cfg.eval_every and (step.index + 1) % cfg.eval_every == 0 \
@@ -691,7 +769,7 @@ def run_rl(cfg) -> Path:
                     greedy_eval(step.index + 1, f"eval at step {step.index + 1}")
             save_checkpoint(out, model, opt, tok, {
                 "step": step.index + 1, "rng": rng_state(), "consumed": sorted(consumed),
-                "config": asdict(cfg)}, pretrained=checkpoint_dtype(cfg))
+                "config": asdict(cfg), "wall": rl_clock}, pretrained=checkpoint_dtype(cfg))
             if dist.is_main():
                 plot_rewards(log, out / "reward.png")
             bar.update(1)
@@ -716,7 +794,9 @@ def run_rl(cfg) -> Path:
     if dist.is_main() and cfg.rl_eval:
         wall = time.perf_counter() - t_start
         atomic_write_text(out / "summary.json", json.dumps(
-            {"before": before, "after": after, "wall_s": wall}, indent=2))
+            {"before": before, "after": after, "wall_s": wall,
+             "rl_clock_s": rl_clock["clock_s"], "rl_cpu_s": rl_clock["cpu_s"],
+             "steps": len(steps)}, indent=2))
         print(f"[rl] greedy held-out score ({after['n']} tasks, mean ± SE): "
               f"before {_fmt(before)} -> after {_fmt(after)}; mean reward per step: "
               + " ".join(f"{r['reward_mean']:.3f}" for r in log if "reward_mean" in r)

@@ -147,6 +147,11 @@ class Config:
     """Optimizer steps per stage."""
     rl_timeout_unit: str = "turns"
     """What rl_timeouts count: turns (deterministic tiny runs) or seconds (wall clock)."""
+    rl_wall_s: float = 0.0
+    """RL wall-clock budget in seconds (0: off, each stage runs its rl_steps). On: the stages share
+    it like their rl_steps (stage m may run until rl_wall_s·(n_1+…+n_m)/Σn of RL time), steps are
+    planned one ahead from the measured step times, greedy evaluations are not counted (grpo.py,
+    "Stages by wall clock"); compares schedules at equal wall time (bench/progressive.py)."""
     n_rollouts: int = 4
     """n: rollouts per task in a group."""
     tasks_per_step: int = 2
@@ -302,6 +307,8 @@ def check_config(cfg: Config) -> None:
         bad("heads", "a divisor of --hidden-size and a multiple of --kv-heads")
 
 
+    if cfg.rl_wall_s < 0:
+        bad("rl_wall_s", "seconds >= 0 (0: off)")
 def check_run_dir(cfg: Config) -> None:
     """The run directory must be a folder we can write: checked before any work (one line, exit
     2), not discovered at the first checkpoint."""
