@@ -506,7 +506,6 @@ def schedule(cfg, n_tasks: int) -> list[Step]:
     return steps
 
 
-def training_tasks(cfg) -> list:
 # Stages by wall clock (`rl_wall_s` > 0; a departure for comparisons at equal wall time, issue 15
 # item 3: the paper gives each stage a number of hours of training, 2 h / 4 h / 6 h rollouts, not
 # a step count). The RL clock counts the step loop only (rollouts, updates, checkpoints; not the
@@ -556,6 +555,7 @@ def _growing(steps: list[Step], start: int):
         k += 1
 
 
+def training_tasks(cfg) -> list:
     import synthetic
     tdir = Path(cfg.run_dir) / "factory" / "tasks"
     if not tdir.exists() or not any(tdir.iterdir()):
@@ -652,10 +652,10 @@ def run_rl(cfg) -> Path:
         st = load_checkpoint(resume, model, opt)
         set_rng_state(st["rng"])
         start, consumed = st["step"], set(st["consumed"])
-        if dist.is_main():
         rl_clock = st.get("wall", rl_clock)
         if cfg.rl_wall_s:                    # the steps taken and the one planned next
             steps = [wall_step(cfg, len(tasks), i, m) for i, m in enumerate(rl_clock["stages"])]
+        if dist.is_main():
             _truncate_log(out / "log.jsonl", start)
         dist.print0(f"[rl] resumed from {resume} at step {start}")
     dist.print0(f"[rl] {len(tasks)} tasks, stages T={list(cfg.rl_timeouts)} ({cfg.rl_timeout_unit}), "
@@ -678,18 +678,18 @@ def run_rl(cfg) -> Path:
         if n:
             print(f"[rl] judging the {n} rollouts a graceful stop left unjudged", flush=True)
 
-    def greedy_eval(step: int, desc: str) -> dict:
-        """The held-out tasks, greedy, judged through this run's queue as EVAL jobs (ahead of
     excluded = {"s": 0.0, "cpu": 0.0}      # evaluation time inside the loop: not RL clock
 
+    def greedy_eval(step: int, desc: str) -> dict:
+        """The held-out tasks, greedy, judged through this run's queue as EVAL jobs (ahead of
         the training rollouts' backlog: resolution 8); logged as an evaluation point. Its time
         is left out of the RL clock."""
         w0, c0 = time.perf_counter(), time.process_time()
         t = task_score(evaluate(shared, held_out, cfg, grader, queue, desc=desc))
-        rec = {"step": step, "eval_score": t["score"], "eval_se": t["se"], "eval_n": t["n"],
-               "eval_unscored": t["unscored"], "eval_end_rate": t["end_rate"],
         excluded["s"] += time.perf_counter() - w0
         excluded["cpu"] += time.process_time() - c0
+        rec = {"step": step, "eval_score": t["score"], "eval_se": t["se"], "eval_n": t["n"],
+               "eval_unscored": t["unscored"], "eval_end_rate": t["end_rate"],
                "eval_turns": t["turns"]}
         tracker.log(rec)
         log.append(rec)
@@ -702,14 +702,14 @@ def run_rl(cfg) -> Path:
     def collect(step: Step) -> tuple[list[list[Rollout]], dict]:
         """Rank 0: the step's judged groups without failed or too-stale rollouts, and counts."""
         request(step)                             # no-op when it was started during the last step
-        nxt = steps[step.index + 1] if step.index + 1 < len(steps) else None
-        if nxt is not None and nxt.stage == step.stage:
         if cfg.rl_wall_s and step.index + 1 == len(steps):    # plan the next step by the clock
             m = plan_next_stage(rl_clock["clock_s"], step.stage, cfg.rl_timeouts, deadlines,
                                 rl_clock["durations"])
             if m is not None:
                 steps.append(wall_step(cfg, len(tasks), step.index + 1, m))
                 rl_clock["stages"].append(m)
+        nxt = steps[step.index + 1] if step.index + 1 < len(steps) else None
+        if nxt is not None and nxt.stage == step.stage:
             request(nxt)                          # partial rollouts: the next step starts now
         groups = mgr.wait_groups([g for g, _ in step.groups])
         kept, failed, dropped, stale = screen_groups(groups, shared.version, cfg.max_staleness)
@@ -746,22 +746,22 @@ def run_rl(cfg) -> Path:
             t0 = time.perf_counter()
             kept, info = collect(step) if dist.is_main() else (None, {})
             kept = dist.broadcast(kept)                   # every rank: all groups of the step
-            d = rl_update(model, ref_model, opt, kept, cfg, tok.pad_token_id)
-            weights = dist.full_state_dict(model)
             if cfg.rl_wall_s:                             # rank 0 planned the next step
                 steps[:] = dist.broadcast(steps)
+            d = rl_update(model, ref_model, opt, kept, cfg, tok.pad_token_id)
+            weights = dist.full_state_dict(model)
             consumed |= {g for g, _ in step.groups}
             if dist.is_main():
                 shared.publish(weights, shared.version + 1)
-                rec = {"step": step.index + 1, "stage": step.stage, "timeout": step.timeout,
-                       **info, "step_s": time.perf_counter() - t0, **d,
-                       "rl_clock_s": rl_clock["clock_s"], "rl_cpu_s": rl_clock["cpu_s"]}
                 now, cpu_now = time.perf_counter(), time.process_time()    # the RL clock
                 lap = now - mark - excluded["s"]
                 rl_clock["clock_s"] += lap
                 rl_clock["cpu_s"] += cpu_now - cpu_mark - excluded["cpu"]
                 rl_clock["durations"].append((lap, step.timeout))
                 mark, cpu_mark, excluded["s"], excluded["cpu"] = now, cpu_now, 0.0, 0.0
+                rec = {"step": step.index + 1, "stage": step.stage, "timeout": step.timeout,
+                       **info, "step_s": time.perf_counter() - t0, **d,
+                       "rl_clock_s": rl_clock["clock_s"], "rl_cpu_s": rl_clock["cpu_s"]}
                 log.append(rec)
                 tracker.log(rec)
                 if cfg.eval_every and (step.index + 1) % cfg.eval_every == 0 \

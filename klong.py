@@ -299,6 +299,8 @@ def check_config(cfg: Config) -> None:
     for name in ("lr", "rl_lr", "judge_deadline", "reproduce_timeout"):
         if hasattr(cfg, name) and getattr(cfg, name) <= 0:
             bad(name, "a number > 0")
+    if cfg.rl_wall_s < 0:
+        bad("rl_wall_s", "seconds >= 0 (0: off)")
     if cfg.report_to not in ("none", "tensorboard"):
         bad("report_to", "none or tensorboard")
     if cfg.overlap >= cfg.context_len:
@@ -307,8 +309,6 @@ def check_config(cfg: Config) -> None:
         bad("heads", "a divisor of --hidden-size and a multiple of --kv-heads")
 
 
-    if cfg.rl_wall_s < 0:
-        bad("rl_wall_s", "seconds >= 0 (0: off)")
 def check_run_dir(cfg: Config) -> None:
     """The run directory must be a folder we can write: checked before any work (one line, exit
     2), not discovered at the first checkpoint."""
