@@ -513,10 +513,12 @@ def schedule(cfg, n_tasks: int) -> list[Step]:
 # (n = rl_steps: the stages share the budget like their step counts; unused or overrun time
 # carries over). Steps are planned one ahead, when the current step's rollouts are requested (so
 # partial rollouts keep working): with ŝ_m = T_m · mean_j(d_j / T_j) the estimated duration of a
-# step of stage m from the finished steps' durations d_j and timeouts T_j (0 before any finished:
-# a rollout's cost grows with its timeout), the next step goes to the first stage m' ≥ m with
-#     clock + ŝ_m (the current step) + ŝ_m' ≤ D_m';
-# none: RL ends after the current step. The budget is kept up to the estimate's error.
+# step of stage m from the finished steps' durations d_j and timeouts T_j (a rollout's cost grows
+# with its timeout), the next step goes to the first stage m' ≥ m with
+#     clock + ŝ_m (the current step) + ŝ_m' ≤ D_m'.
+# When none fits then, or no step has finished yet (no estimate), the plan is made again when the
+# current step ends, with its real end: clock + ŝ_m' ≤ D_m' (that next step's rollouts start then,
+# not during the update); none: RL ends. The budget is kept up to the estimate's error.
 
 def stage_deadlines(wall_s: float, steps: tuple[int, ...]) -> list[float]:
     """D_m = wall_s · (n_1 + … + n_m) / Σ n: the RL clock at which stage m's time is spent."""
@@ -528,11 +530,13 @@ def stage_deadlines(wall_s: float, steps: tuple[int, ...]) -> list[float]:
 
 
 def plan_next_stage(clock_s: float, stage: int, timeouts: tuple[float, ...],
-                    deadlines: list[float], durations: list[tuple[float, float]]) -> int | None:
-    """The stage of the step after the current one (of stage `stage`, started at RL clock
-    `clock_s`), or None when no step fits (rule above); durations = finished steps' (d_j, T_j)."""
-    per_unit = sum(d / T for d, T in durations) / len(durations) if durations else 0.0
-    end = clock_s + per_unit * timeouts[stage]                      # the current step's end
+                    deadlines: list[float], durations: list[tuple[float, float]],
+                    running: bool = True) -> int | None:
+    """The stage of the step after the current one (of stage `stage`; RL clock `clock_s` when it
+    started, `running`, or when it ended), or None when no step fits (rule above); durations =
+    the finished steps' (d_j, T_j), at least one."""
+    per_unit = sum(d / T for d, T in durations) / len(durations)
+    end = clock_s + per_unit * timeouts[stage] * running            # the current step's end
     for m in range(stage, len(timeouts)):
         if end + per_unit * timeouts[m] <= deadlines[m]:
             return m
@@ -695,6 +699,14 @@ def run_rl(cfg) -> Path:
         log.append(rec)
         return t
 
+    def plan(step: Step, running: bool) -> None:
+        """rl_wall_s: append the step after `step` when one fits (plan_next_stage)."""
+        m = plan_next_stage(rl_clock["clock_s"], step.stage, cfg.rl_timeouts, deadlines,
+                            rl_clock["durations"], running)
+        if m is not None:
+            steps.append(wall_step(cfg, len(tasks), step.index + 1, m))
+            rl_clock["stages"].append(m)
+
     def request(step: Step) -> None:
         for g, t in step.groups:
             mgr.request(g, tasks[t], cfg.n_rollouts, step.timeout)
@@ -702,12 +714,8 @@ def run_rl(cfg) -> Path:
     def collect(step: Step) -> tuple[list[list[Rollout]], dict]:
         """Rank 0: the step's judged groups without failed or too-stale rollouts, and counts."""
         request(step)                             # no-op when it was started during the last step
-        if cfg.rl_wall_s and step.index + 1 == len(steps):    # plan the next step by the clock
-            m = plan_next_stage(rl_clock["clock_s"], step.stage, cfg.rl_timeouts, deadlines,
-                                rl_clock["durations"])
-            if m is not None:
-                steps.append(wall_step(cfg, len(tasks), step.index + 1, m))
-                rl_clock["stages"].append(m)
+        if cfg.rl_wall_s and step.index + 1 == len(steps) and rl_clock["durations"]:
+            plan(step, running=True)              # the next step by the clock, one ahead
         nxt = steps[step.index + 1] if step.index + 1 < len(steps) else None
         if nxt is not None and nxt.stage == step.stage:
             request(nxt)                          # partial rollouts: the next step starts now
@@ -746,8 +754,6 @@ def run_rl(cfg) -> Path:
             t0 = time.perf_counter()
             kept, info = collect(step) if dist.is_main() else (None, {})
             kept = dist.broadcast(kept)                   # every rank: all groups of the step
-            if cfg.rl_wall_s:                             # rank 0 planned the next step
-                steps[:] = dist.broadcast(steps)
             d = rl_update(model, ref_model, opt, kept, cfg, tok.pad_token_id)
             weights = dist.full_state_dict(model)
             consumed |= {g for g, _ in step.groups}
@@ -759,6 +765,8 @@ def run_rl(cfg) -> Path:
                 rl_clock["cpu_s"] += cpu_now - cpu_mark - excluded["cpu"]
                 rl_clock["durations"].append((lap, step.timeout))
                 mark, cpu_mark, excluded["s"], excluded["cpu"] = now, cpu_now, 0.0, 0.0
+                if cfg.rl_wall_s and step.index + 1 == len(steps):
+                    plan(step, running=False)     # none planned one ahead: plan at its end
                 rec = {"step": step.index + 1, "stage": step.stage, "timeout": step.timeout,
                        **info, "step_s": time.perf_counter() - t0, **d,
                        "rl_clock_s": rl_clock["clock_s"], "rl_cpu_s": rl_clock["cpu_s"]}
@@ -767,6 +775,8 @@ def run_rl(cfg) -> Path:
                 if cfg.eval_every and (step.index + 1) % cfg.eval_every == 0 \
                         and not (cfg.rl_eval and step.index + 1 == len(steps)):
                     greedy_eval(step.index + 1, f"eval at step {step.index + 1}")
+            if cfg.rl_wall_s:                             # rank 0 planned the next step
+                steps[:] = dist.broadcast(steps)
             save_checkpoint(out, model, opt, tok, {
                 "step": step.index + 1, "rng": rng_state(), "consumed": sorted(consumed),
                 "config": asdict(cfg), "wall": rl_clock}, pretrained=checkpoint_dtype(cfg))

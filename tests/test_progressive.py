@@ -19,7 +19,6 @@ def test_stage_deadlines_share_the_budget_like_the_step_counts():
 def test_plan_next_stage_follows_the_documented_rule():
     T, D = (10, 20, 30), [30.0, 60.0, 90.0]
     one = [(10.0, 10)]                       # 1 s per turn of timeout: a stage-m step = T_m s
-    assert grpo.plan_next_stage(0.0, 0, T, D, []) == 0          # nothing measured: stay
     assert grpo.plan_next_stage(10.0, 0, T, D, one) == 0        # 10 + 10 + 10 = 30 <= 30
     assert grpo.plan_next_stage(15.0, 0, T, D, one) == 1        # 35 > 30; 25 + 20 <= 60
     assert grpo.plan_next_stage(45.0, 0, T, D, one) == 2        # stage 1 no longer fits: skipped
@@ -27,6 +26,10 @@ def test_plan_next_stage_follows_the_documented_rule():
     # the estimate is the mean cost per turn of timeout over the finished steps, scaled to T_m
     assert grpo.plan_next_stage(20.0, 1, T, D, [(10.0, 10), (60.0, 20)]) is None  # 2 s/turn
     assert grpo.plan_next_stage(20.0, 1, T, D, [(5.0, 10), (10.0, 20)]) == 1      # 0.5 s/turn
+    # planned again at the current step's real end (running=False): only the next step counts
+    assert grpo.plan_next_stage(35.0, 1, T, D, one, running=False) == 1         # 35 + 20 <= 60
+    assert grpo.plan_next_stage(65.0, 1, T, D, one, running=False) is None      # 95 > 90
+    assert grpo.plan_next_stage(55.0, 1, T, D, one, running=False) == 2         # 85 <= 90
 
 
 def test_wall_steps_pick_tasks_by_seed_and_index_only():
@@ -61,10 +64,15 @@ def test_a_wall_clock_run_advances_its_stages_as_documented(tmp_path):
     clocks = [0.0] + [r["rl_clock_s"] for r in steps]              # clock when step k started
     laps = [(clocks[k + 1] - clocks[k], steps[k]["timeout"]) for k in range(len(steps))]
     assert steps[0]["stage"] == 0
-    for k in range(len(steps)):              # step k+1 was planned when step k started
-        planned = grpo.plan_next_stage(clocks[k], steps[k]["stage"], (3, 6), deadlines, laps[:k])
+    for k in range(len(steps)):   # step k+1 was planned when step k started, else when it ended
+        planned = grpo.plan_next_stage(clocks[k], steps[k]["stage"], (3, 6), deadlines,
+                                       laps[:k]) if k else None
+        if planned is None:
+            planned = grpo.plan_next_stage(clocks[k + 1], steps[k]["stage"], (3, 6), deadlines,
+                                           laps[:k + 1], running=False)
         assert planned == (steps[k + 1]["stage"] if k + 1 < len(steps) else None)
         assert steps[k]["timeout"] == (3, 6)[steps[k]["stage"]]
     assert all(lap > 0 for lap, _ in laps)
     assert clocks[-1] <= budget + laps[-1][0] + (laps[-2][0] if len(laps) > 1 else 0.0)
+    assert clocks[-1] > budget / 3           # it ran on while steps fitted
     assert steps[-1]["rl_cpu_s"] > 0
