@@ -73,49 +73,98 @@ def check_supported(model) -> None:
     if getattr(cfg, "use_sliding_window", False) or \
             any(t != "full_attention" for t in getattr(cfg, "layer_types", None) or []):
         raise Unsupported("sampler: sliding-window attention layers are not supported")
+    rope = getattr(model.model.rotary_emb, "rope_type", "default")
+    if rope in ("dynamic", "longrope"):           # frequencies depend on each row's length
+        raise Unsupported(f"sampler: rope_type {rope!r} (a length-dependent RoPE) is not supported")
 
 
 # ----------------------------------------------------------------------------- the decoder
 
-def decoder_forward(model, K: list[torch.Tensor], V: list[torch.Tensor], ids: torch.Tensor,
-                    start: torch.Tensor) -> torch.Tensor:
-    """Last-position logits (B, V) fp32 of `ids` (B, n) at positions start_b + i, i < n.
+def rope_table(model, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin (length, hd) of the model's rotary embedding at positions 0 … length − 1.
 
-    K[l], V[l] (B, kv, L, hd) hold each row's earlier keys/values at positions < start_b; the new
-    ones are written in place at start_b … start_b + n − 1. Row b attends to positions
-    j ≤ start_b + i only, so whatever lies beyond a row's length (padding, stale K/V) is never
-    read. n > 1 (a prefill) needs B = 1."""
-    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-    m = model.model
-    B, n = ids.shape
-    assert n == 1 or B == 1, "prefill runs one row at a time"
-    pos = start[:, None] + torch.arange(n, device=ids.device)              # (B, n)
-    T = int(start.max()) + n
-    mask = (torch.arange(T, device=ids.device) <= pos[:, :, None])[:, None]  # (B, 1, n, T)
-    h = m.embed_tokens(ids)                                                 # (B, n, H)
-    cos, sin = m.rotary_emb(h, pos)                                         # (B, n, hd)
-    rows = torch.arange(B, device=ids.device)
+    The HF rotary embedding is elementwise in the position (cos/sin of position · inv_freq), so
+    rows of one table equal what a per-call computation gives, bit for bit."""
+    p = next(model.parameters())
+    cos, sin = model.model.rotary_emb(torch.zeros(1, device=p.device, dtype=p.dtype),
+                                      torch.arange(length, device=p.device)[None])
+    return cos[0], sin[0]
+
+
+@dataclass
+class Join:
+    """A request joining the batch: `n` new tokens of pool row `row` at positions start … start+n−1."""
+    row: int
+    start: int
+    n: int
+
+
+def step_forward(model, pool: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                 ids: torch.Tensor, pos: torch.Tensor, B: int, joins: list[Join]) -> torch.Tensor:
+    """One forward over a mixed batch: logits (B + J, V) fp32 of each row's last new token.
+
+    ids, pos (N,): the new tokens and their positions, flat. The first B are one decode token each
+    of pool rows 0 … B−1; then each join's n tokens in order (chunk-free "mixed" batching: the
+    joiners' prefill shares every linear layer with the decode rows). pool (2·layers, S, kv, L, hd)
+    holds K (even) and V (odd) of each layer; every new token's K/V is written in place at its row
+    and position, and a token at position t attends to its row's positions ≤ t only, so whatever
+    lies beyond a row's length (padding, stale K/V) is never read. Attention runs per part: one
+    call for the B decode rows (the grouped queries of a kv head as one block of g query rows,
+    padding masked by −inf), one per join (causal with the join's offset)."""
+    m, cfg = model.model, model.config
+    N, (cos_t, sin_t) = ids.shape[0], rope
+    heads, kvh, hd = cfg.num_attention_heads, pool.shape[2], pool.shape[-1]
+    g = heads // kvh                                                        # queries per kv head
+    rows = torch.cat([torch.arange(B, device=ids.device)] +
+                     [torch.full((j.n,), j.row, device=ids.device) for j in joins])   # (N,)
+    cos, sin = cos_t[pos][:, None], sin_t[pos][:, None]                     # (N, 1, hd)
+    T = int(pos[:B].max()) + 1 if B else 0                                  # attended by decode rows
+    bias = torch.zeros(B, 1, 1, T, device=ids.device, dtype=cos.dtype).masked_fill_(
+        torch.arange(T, device=ids.device) > pos[:B, None, None, None], float("-inf"))  # (B, 1, 1, T)
+    causal = [torch.ones(j.n, j.start + j.n, dtype=torch.bool, device=ids.device).tril(j.start)
+              for j in joins]                                               # (n, start + n) each
+    h = m.embed_tokens(ids)                                                 # (N, H)
     for l, layer in enumerate(m.layers):
         a = layer.self_attn
         x = layer.input_layernorm(h)
-        q = a.q_proj(x).view(B, n, -1, a.head_dim)                          # (B, n, heads, hd)
-        k = a.k_proj(x).view(B, n, -1, a.head_dim)                          # (B, n, kv, hd)
-        v = a.v_proj(x).view(B, n, -1, a.head_dim).transpose(1, 2)          # (B, kv, n, hd)
+        q = a.q_proj(x).view(N, heads, hd)
+        k = a.k_proj(x).view(N, kvh, hd)
+        v = a.v_proj(x).view(N, kvh, hd)
         if getattr(a, "q_norm", None) is not None:                          # Qwen3: per-head norm
             q, k = a.q_norm(q), a.k_norm(k)
-        q, k = apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
-        if n == 1:                                                          # ragged append
-            K[l][rows, :, start] = k[:, :, 0]
-            V[l][rows, :, start] = v[:, :, 0]
-        else:
-            s = int(start[0])
-            K[l][0, :, s:s + n] = k[0]
-            V[l][0, :, s:s + n] = v[0]
-        o = F.scaled_dot_product_attention(q, K[l][:, :, :T], V[l][:, :, :T], attn_mask=mask,
-                                           scale=a.scaling, enable_gqa=True)  # (B, heads, n, hd)
-        h = h + a.o_proj(o.transpose(1, 2).reshape(B, n, -1))
+        q = q * cos + _rotate_half(q) * sin                                 # RoPE: x·cos + rot(x)·sin
+        k = k * cos + _rotate_half(k) * sin
+        K, V = pool[2 * l], pool[2 * l + 1]                                 # (S, kv, L, hd)
+        K[rows, :, pos] = k
+        V[rows, :, pos] = v
+        out = []
+        if B:                                    # head h = kv head h // g: (B, kv, g, hd) blocks
+            o = F.scaled_dot_product_attention(q[:B].view(B, kvh, g, hd), K[:B, :, :T], V[:B, :, :T],
+                                               attn_mask=bias, scale=a.scaling)
+            out.append(o.reshape(B, heads * hd))
+        off = B
+        for j, mask in zip(joins, causal):
+            qj = q[off:off + j.n].transpose(0, 1)[None]                     # (1, heads, n, hd)
+            o = F.scaled_dot_product_attention(qj, K[j.row:j.row + 1, :, :j.start + j.n],
+                                               V[j.row:j.row + 1, :, :j.start + j.n],
+                                               attn_mask=mask, scale=a.scaling, enable_gqa=True)
+            out.append(o[0].transpose(0, 1).reshape(j.n, heads * hd))
+            off += j.n
+        h = h + a.o_proj(out[0] if len(out) == 1 else torch.cat(out))     # (N, H)
         h = h + layer.mlp(layer.post_attention_layernorm(h))
-    return model.lm_head(m.norm(h[:, -1])).float()
+    if joins:                                                               # each row's last token
+        last, off = list(range(B)), B
+        for j in joins:
+            off += j.n
+            last.append(off - 1)
+        h = h[last]                                                         # (B + J, H)
+    return model.lm_head(m.norm(h)).float()
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """rot(x) = (−x₂, x₁) over the two halves of the head dimension (HF's rotate_half)."""
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
 # ----------------------------------------------------------------------------- records
@@ -128,7 +177,7 @@ class _Row:
     version: int = -1
 
 
-@dataclass
+@dataclass(eq=False)
 class _Request:
     """One action to sample: submitted by an episode thread, answered by the decode loop."""
     row: _Row
@@ -162,11 +211,11 @@ class BatchedSampler:
         self._kv = cfg.num_key_value_heads
         self._hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self._layers = cfg.num_hidden_layers
-        self._K: list[torch.Tensor] = []              # per layer (S, kv, L, hd)
-        self._V: list[torch.Tensor] = []
+        self._pool = torch.zeros(0)                   # (2·layers, S, kv, L, hd): K, V per layer
+        self._rope: tuple[torch.Tensor, torch.Tensor] = (torch.zeros(0), torch.zeros(0))
         self._owner: list[_Row | None] = []           # per pool row
         self._active: list[_Request] = []             # request decoding in row r, r < B
-        self._store: OrderedDict[tuple, tuple] = OrderedDict()   # ids -> (K, V) per layer
+        self._store: OrderedDict[tuple, torch.Tensor] = OrderedDict()  # ids -> (2·layers, kv, n, hd)
         self._alloc(4, 256)
         self._cv = threading.Condition()
         self._pending: list[_Request] = []
@@ -174,6 +223,7 @@ class BatchedSampler:
         self._weights: tuple[dict, int] | None = None
         self.steps = 0                                # decode steps run (batched forwards)
         self.step_rows = 0                            # Σ rows over decode steps
+        self.max_joins = 0                            # most requests prefilled in one step
         threading.Thread(target=self._loop, name="sampler", daemon=True).start()
 
     # -- the episode side
@@ -208,39 +258,40 @@ class BatchedSampler:
 
     # -- the pool
     def _alloc(self, S: int, L: int) -> None:
-        """Grow the pool to S rows × L positions, keeping what it holds."""
-        shape = (S, self._kv, L, self._hd)
-        old = (self._K, self._V)
-        self._K = [torch.zeros(shape, device=self._device, dtype=self._dtype)
-                   for _ in range(self._layers)]
-        self._V = [torch.zeros(shape, device=self._device, dtype=self._dtype)
-                   for _ in range(self._layers)]
-        for new, prev in zip((self._K, self._V), old):
-            for a, b in zip(new, prev):
-                a[:b.shape[0], :, :b.shape[2]] = b
+        """Grow the pool to S rows × L positions, keeping what it holds (and the RoPE table)."""
+        old = self._pool
+        self._pool = torch.zeros(2 * self._layers, S, self._kv, L, self._hd, device=self._device,
+                                 dtype=self._dtype)
+        if old.numel():
+            self._pool[:, :old.shape[1], :, :old.shape[3]] = old
+        if self._rope[0].shape[0] < L:
+            self._rope = rope_table(self.model, L)
         self._owner += [None] * (S - len(self._owner))
 
-    def _ensure(self, row: _Row, length: int) -> None:
-        """`row` has a pool row with room for `length` positions."""
-        S, L = self._K[0].shape[0], self._K[0].shape[2]
+    def _ensure(self, row: _Row, length: int, busy: int) -> None:
+        """`row` has a pool row (not one of rows 0 … busy − 1) with room for `length` positions."""
+        S, L = self._pool.shape[1], self._pool.shape[3]
         if length > L:
             self._alloc(S, max(length, 2 * L))
         if row.index is None:
-            free = [i for i in range(len(self._active), S) if self._owner[i] is None]
+            free = [i for i in range(busy, S) if self._owner[i] is None]
             if not free:
-                self._alloc(2 * S, self._K[0].shape[2])
+                self._alloc(2 * S, self._pool.shape[3])
                 free = [S]
             row.index, row.ids, row.version = free[0], [], -1
             self._owner[free[0]] = row
 
     def _swap(self, i: int, j: int) -> None:
-        """Exchange pool rows i and j (their valid K/V, owners and row indices)."""
+        """Exchange pool rows i and j (their valid K/V, owners and row indices): O(L) copied."""
         if i == j:
             return
         a, b = self._owner[i], self._owner[j]
-        n = max(len(a.ids) if a else 0, len(b.ids) if b else 0)
-        for t in self._K + self._V:
-            t[[i, j], :, :n] = t[[j, i], :, :n]
+        na, nb = (len(a.ids) if a else 0), (len(b.ids) if b else 0)
+        held = self._pool[:, i, :, :na].clone()                 # (2·layers, kv, na, hd)
+        if nb:
+            self._pool[:, i, :, :nb] = self._pool[:, j, :, :nb]
+        if na:
+            self._pool[:, j, :, :na] = held
         self._owner[i], self._owner[j] = b, a
         for r, k in ((a, j), (b, i)):
             if r is not None:
@@ -266,10 +317,11 @@ class BatchedSampler:
                     self._load(*weights)
                     continue                          # requests held back are admitted now
                 try:
-                    for q in joins:
-                        self._admit(q)
-                    if self._active:
-                        self._step()
+                    if joins or self._active:
+                        later = self._step(joins)
+                        if later:                     # they wait one step (see _place)
+                            with self._cv:
+                                self._pending[:0] = later
                 except BaseException as e:            # noqa: BLE001  (fail the requests, not the loop)
                     for q in joins + self._active:
                         if not q.done.is_set():
@@ -297,53 +349,67 @@ class BatchedSampler:
             self._store.move_to_end(hit[0])
         return best, hit and hit[1]
 
-    def _admit(self, q: _Request) -> None:
-        """Prefill what the row does not hold of q's context, sample the first token, and join
-        the decoding rows unless the action already ended."""
+    def _place(self, q: _Request, r: int, fresh: list[_Request]) -> Join | None:
+        """Put q's row at pool row r with the K/V it can reuse; the Join of what is left to
+        prefill, or None when q waits a step: an earlier fresh joiner of this step (`fresh`,
+        prefilled from scratch and then stored) shares a longer prefix with q than anything q
+        could reuse now, so q copies it next step instead of recomputing it."""
         row, ctx = q.row, q.context
-        self._ensure(row, len(ctx) + q.max_new_tokens)
-        i = row.index
         keep = _common_prefix(row.ids, ctx) if row.version == self.version else 0
         keep = min(keep, len(ctx) - 1)               # the last context token is always fed
-        fresh = keep == 0
         n, kv = self._prefix_hit(ctx)
+        if any(min(_common_prefix(f.context, ctx), len(ctx) - 1) > max(keep, n) for f in fresh):
+            return None
+        self._ensure(row, len(ctx) + q.max_new_tokens, r)
+        self._swap(row.index, r)
         if n > keep:                                 # shared prefix: copy its K/V
-            for t, s in zip(self._K + self._V, kv[0] + kv[1]):
-                t[i, :, :n] = s[:, :n]
-            keep, fresh = n, False
+            self._pool[:, r, :, :n] = kv[:, :, :n]
+            keep = n
+        elif keep == 0:
+            fresh.append(q)
         row.ids, row.version, q.version = ctx[:keep], self.version, self.version
-        ids = torch.tensor([ctx[keep:]], device=self._device)             # (1, n)
-        K, V = [t[i:i + 1] for t in self._K], [t[i:i + 1] for t in self._V]
-        logits = decoder_forward(self.model, K, V, ids, torch.tensor([keep], device=self._device))
-        q.fed += ids.shape[1]
-        row.ids = list(ctx)
-        if fresh and self.prefix_entries:            # remember this start for the next rollouts
-            self._store[tuple(ctx)] = ([t[i, :, :len(ctx)].clone() for t in self._K],
-                                       [t[i, :, :len(ctx)].clone() for t in self._V])
-            while len(self._store) > self.prefix_entries:
-                self._store.popitem(last=False)
-        if not self._sample([q], logits)[0]:
-            self._swap(i, len(self._active))
-            self._active.append(q)
+        return Join(r, keep, len(ctx) - keep)
 
-    def _step(self) -> None:
-        """One batched forward over the decoding rows 0..B−1, then sample each row."""
-        B = len(self._active)
-        tok = torch.tensor([[q.action[-1]] for q in self._active], device=self._device)  # (B, 1)
-        start = torch.tensor([len(q.row.ids) for q in self._active], device=self._device)
-        logits = decoder_forward(self.model, [t[:B] for t in self._K], [t[:B] for t in self._V],
-                                 tok, start)
+    def _step(self, pending: list[_Request]) -> list[_Request]:
+        """One batched forward: the decoding rows 0 … B−1 (one token each) and the joining
+        requests placed at rows B, B+1, … (what their rows do not hold of their contexts); then
+        sample every row. Rows that finished leave; the joiners that must wait are returned."""
+        B, joins, joined, fresh, later = len(self._active), [], [], [], []
+        for q in pending:
+            j = self._place(q, B + len(joins), fresh)
+            if j is None:
+                later.append(q)
+            else:
+                joins.append(j)
+                joined.append(q)
+        ids = [q.action[-1] for q in self._active]
+        pos = [len(q.row.ids) for q in self._active]
+        for q, j in zip(joined, joins):
+            ids += q.context[j.start:]
+            pos += range(j.start, j.start + j.n)
+        logits = step_forward(self.model, self._pool, self._rope,
+                              torch.tensor(ids, device=self._device),
+                              torch.tensor(pos, device=self._device), B, joins)   # (B + J, V)
         for q in self._active:
             q.row.ids.append(q.action[-1])
             q.fed += 1
+        for q, j in zip(joined, joins):
+            q.row.ids, q.fed = list(q.context), q.fed + j.n
+            if q in fresh and self.prefix_entries:   # remember this start for the next rollouts
+                self._store[tuple(q.context)] = self._pool[:, j.row, :, :len(q.context)].clone()
+                while len(self._store) > self.prefix_entries:
+                    self._store.popitem(last=False)
         self.steps += 1
-        self.step_rows += B
+        self.step_rows += B + len(joins)
+        self.max_joins = max(self.max_joins, len(joins))
+        self._active += joined
         finished = self._sample(self._active, logits)
-        for r in reversed(range(B)):                 # highest first: lower rows keep their place
+        for r in reversed(range(len(self._active))):  # highest first: lower rows keep their place
             if finished[r]:
                 self._swap(r, len(self._active) - 1)
                 self._active[r] = self._active[-1]
                 self._active.pop()
+        return later
 
     def _sample(self, reqs: list[_Request], logits: torch.Tensor) -> list[bool]:
         """Sample one token per request from logits (B, V); a finished request is answered.
@@ -352,15 +418,23 @@ class BatchedSampler:
         at T = 1), the behaviour log-probs PPO's ratio r_t divides by. Sampling by inversion:
         a_b = min{v : CDF_b(v) > u_b}, u_b ~ U(0, 1) from the episode's own random stream (one
         batched search instead of B multinomial draws; the CDF in float64)."""
-        dev = logits.device
-        temps = torch.tensor([q.temperature or 1.0 for q in reqs], device=dev)
-        logp = torch.log_softmax(logits / temps[:, None], dim=-1)               # (B, V)
-        cdf = logp.double().exp().cumsum(-1)                                    # (B, V)
-        u = torch.tensor([[q.rng.random()] if q.temperature else [0.0] for q in reqs],
-                         dtype=torch.float64, device=dev)                       # (B, 1)
-        drawn = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp(max=cdf.shape[1] - 1)
-        greedy = torch.tensor([q.temperature == 0 for q in reqs], device=dev)
-        tok = torch.where(greedy, logp.argmax(-1), drawn[:, 0])                 # (B,)
+        dev, temps = logits.device, [q.temperature for q in reqs]
+        if len(set(temps)) == 1:                    # one temperature: a scalar (none at T = 0, 1)
+            z = logits if temps[0] in (0, 1) else logits / temps[0]
+        else:
+            z = logits / torch.tensor([t or 1.0 for t in temps], device=dev)[:, None]
+        logp = torch.log_softmax(z, dim=-1)                                     # (B, V)
+        greedy = [t == 0 for t in temps]
+        if all(greedy):
+            tok = logp.argmax(-1)                                               # (B,)
+        else:
+            cdf = logp.double().exp().cumsum(-1)                                # (B, V)
+            u = torch.tensor([[0.0] if g else [q.rng.random()] for q, g in zip(reqs, greedy)],
+                             dtype=torch.float64, device=dev)                   # (B, 1)
+            tok = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)[:, 0].clamp_(
+                max=cdf.shape[1] - 1)                                           # (B,)
+            if any(greedy):
+                tok = torch.where(torch.tensor(greedy, device=dev), logp.argmax(-1), tok)
         lp = logp.gather(1, tok[:, None])[:, 0]
         done = []
         for q, t, l in zip(reqs, tok.tolist(), lp.tolist()):
