@@ -137,7 +137,7 @@ def _judge_row(j: dict | None) -> tuple[str, str, str]:
     target = "run completes; 0 silent scores; every failure retried and counted"
     if not j:
         return what, "not measured", target
-    inj = j.get("injected") or j.get("injected_failures") or {}
+    inj = j.get("injected") or j.get("injected_failures") or j.get("failures") or {}   # by kind
     by_kind = ", ".join(f"{k} {v}" for k, v in inj.items()) if isinstance(inj, dict) else str(inj)
     total = sum(inj.values()) if isinstance(inj, dict) else inj
     return (what, f"{j.get('calls')} calls, {total} injected failures ({by_kind}), "
@@ -153,7 +153,7 @@ def _soak_rows(results: Path) -> list[tuple[str, str, str]]:
     for path in sorted(results.glob("soak-*-cpu.json")):
         s = json.loads(path.read_text())
         errs = ", ".join(f"{k} {v}" for k, v in sorted(s["errors"].items())) or "none"
-        modes = ", ".join(f"{k} {v['count']}" for k, v in s["modes"].items())
+        modes = ", ".join(f"{k} {v['count']:,}" for k, v in s["modes"].items())
         answered = "every failure mode answered as documented" if s["undocumented"] == 0 else \
             f"**{s['undocumented']} answers not as documented**"
         rows.append((f"sandboxes under load (issue 21.5), {s['backend']} backend"
