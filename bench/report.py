@@ -2,6 +2,7 @@
 ratios from the JSON, never numbers typed by hand).
 
     python bench/report.py          # rewrites the block between the bench markers in README.md
+                                    # (and the reliability block: bench/reliability.py --table)
 """
 from __future__ import annotations
 
@@ -119,6 +120,8 @@ def main() -> None:
         text = text.rstrip() + "\n\n## Performance\n\n" + block + "\n"
     readme.write_text(text)
     print(block)
+    import reliability                      # and the reliability table (bench/reliability.py)
+    print(reliability.write_table())
 
 
 if __name__ == "__main__":
