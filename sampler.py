@@ -99,39 +99,97 @@ class Join:
     n: int
 
 
-def step_forward(model, pool: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                 ids: torch.Tensor, pos: torch.Tensor, B: int, joins: list[Join]) -> torch.Tensor:
+@dataclass
+class LayerWeights:
+    """One decoder layer's tensors, looked up once: the HF modules' own parameters (not copies), so
+    weights loaded in place are seen. Linear maps as (weight, bias or None)."""
+    norm1: torch.Tensor                   # input RMSNorm weight (H,)
+    q: tuple
+    k: tuple
+    v: tuple
+    q_norm: torch.Tensor | None           # Qwen3: RMSNorm over each head (hd,)
+    k_norm: torch.Tensor | None
+    o: tuple
+    norm2: torch.Tensor                   # post-attention RMSNorm weight (H,)
+    gate: tuple
+    up: tuple
+    down: tuple
+    act: object                           # the MLP's activation (SiLU)
+    scale: float                          # attention scale 1/√hd
+    eps: float                            # RMSNorm ε
+
+
+@dataclass
+class LeanWeights:
+    """A Llama-family causal LM as the lean decoder reads it."""
+    embed: torch.Tensor                   # (V, H)
+    layers: list[LayerWeights]
+    norm: torch.Tensor                    # final RMSNorm weight (H,)
+    head: tuple                           # LM head (V, H), bias
+    heads: int
+    eps: float
+
+
+def lean_weights(model) -> LeanWeights:
+    """The tensors of `model` that step_forward reads (Unsupported if a module is not the plain
+    Linear / RMSNorm it expects)."""
+    m = model.model
+
+    def lin(mod):
+        if type(mod) is not torch.nn.Linear:
+            raise Unsupported(f"sampler: {type(mod).__name__} where a Linear was expected")
+        return mod.weight, mod.bias
+
+    def norm(mod):
+        if mod is None:
+            return None
+        if not hasattr(mod, "variance_epsilon"):
+            raise Unsupported(f"sampler: {type(mod).__name__} where an RMSNorm was expected")
+        return mod.weight
+
+    layers = []
+    for layer in m.layers:
+        a, mlp = layer.self_attn, layer.mlp
+        layers.append(LayerWeights(
+            norm(layer.input_layernorm), lin(a.q_proj), lin(a.k_proj), lin(a.v_proj),
+            norm(getattr(a, "q_norm", None)), norm(getattr(a, "k_norm", None)), lin(a.o_proj),
+            norm(layer.post_attention_layernorm), lin(mlp.gate_proj), lin(mlp.up_proj),
+            lin(mlp.down_proj), mlp.act_fn, a.scaling, layer.input_layernorm.variance_epsilon))
+    return LeanWeights(m.embed_tokens.weight, layers, norm(m.norm), lin(model.lm_head),
+                       model.config.num_attention_heads, m.norm.variance_epsilon)
+
+
+def step_forward(w: LeanWeights, pool: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                 ids: torch.Tensor, pos: torch.Tensor, rows: torch.Tensor,
+                 joins: list[Join]) -> torch.Tensor:
     """One forward over a mixed batch: logits (B + J, V) fp32 of each row's last new token.
 
-    ids, pos (N,): the new tokens and their positions, flat. The first B are one decode token each
-    of pool rows 0 … B−1; then each join's n tokens in order (chunk-free "mixed" batching: the
-    joiners' prefill shares every linear layer with the decode rows). pool (2·layers, S, kv, L, hd)
-    holds K (even) and V (odd) of each layer; every new token's K/V is written in place at its row
-    and position, and a token at position t attends to its row's positions ≤ t only, so whatever
-    lies beyond a row's length (padding, stale K/V) is never read. Attention runs per part: one
-    call for the B decode rows (the grouped queries of a kv head as one block of g query rows,
-    padding masked by −inf), one per join (causal with the join's offset)."""
-    m, cfg = model.model, model.config
+    ids, pos, rows (N,): the new tokens, their positions and pool rows, flat. The first B are one
+    decode token each of pool rows 0 … B−1; then each join's n tokens in order (mixed batching:
+    the joiners' prefill shares every linear layer with the decode rows). pool (2·layers, S, kv,
+    L, hd) holds K (even) and V (odd) of each layer; every new token's K/V is written in place at
+    its row and position, and a token at position t attends to its row's positions ≤ t only, so
+    whatever lies beyond a row's length (padding, stale K/V) is never read. Attention runs per
+    part: one call for the B decode rows (the g query heads of a kv head as one block of g query
+    rows, padding masked by −inf), one per join (causal with the join's offset)."""
     N, (cos_t, sin_t) = ids.shape[0], rope
-    heads, kvh, hd = cfg.num_attention_heads, pool.shape[2], pool.shape[-1]
+    B = N - sum(j.n for j in joins)
+    heads, kvh, hd = w.heads, pool.shape[2], pool.shape[-1]
     g = heads // kvh                                                        # queries per kv head
-    rows = torch.cat([torch.arange(B, device=ids.device)] +
-                     [torch.full((j.n,), j.row, device=ids.device) for j in joins])   # (N,)
     cos, sin = cos_t[pos][:, None], sin_t[pos][:, None]                     # (N, 1, hd)
     T = int(pos[:B].max()) + 1 if B else 0                                  # attended by decode rows
     bias = torch.zeros(B, 1, 1, T, device=ids.device, dtype=cos.dtype).masked_fill_(
         torch.arange(T, device=ids.device) > pos[:B, None, None, None], float("-inf"))  # (B, 1, 1, T)
     causal = [torch.ones(j.n, j.start + j.n, dtype=torch.bool, device=ids.device).tril(j.start)
               for j in joins]                                               # (n, start + n) each
-    h = m.embed_tokens(ids)                                                 # (N, H)
-    for l, layer in enumerate(m.layers):
-        a = layer.self_attn
-        x = layer.input_layernorm(h)
-        q = a.q_proj(x).view(N, heads, hd)
-        k = a.k_proj(x).view(N, kvh, hd)
-        v = a.v_proj(x).view(N, kvh, hd)
-        if getattr(a, "q_norm", None) is not None:                          # Qwen3: per-head norm
-            q, k = a.q_norm(q), a.k_norm(k)
+    h = F.embedding(ids, w.embed)                                           # (N, H)
+    for l, lw in enumerate(w.layers):
+        x = _rms_norm(h, lw.norm1, lw.eps)
+        q = F.linear(x, *lw.q).view(N, heads, hd)
+        k = F.linear(x, *lw.k).view(N, kvh, hd)
+        v = F.linear(x, *lw.v).view(N, kvh, hd)
+        if lw.q_norm is not None:                                           # Qwen3: per-head norm
+            q, k = _rms_norm(q, lw.q_norm, lw.eps), _rms_norm(k, lw.k_norm, lw.eps)
         q = q * cos + _rotate_half(q) * sin                                 # RoPE: x·cos + rot(x)·sin
         k = k * cos + _rotate_half(k) * sin
         K, V = pool[2 * l], pool[2 * l + 1]                                 # (S, kv, L, hd)
@@ -140,25 +198,34 @@ def step_forward(model, pool: torch.Tensor, rope: tuple[torch.Tensor, torch.Tens
         out = []
         if B:                                    # head h = kv head h // g: (B, kv, g, hd) blocks
             o = F.scaled_dot_product_attention(q[:B].view(B, kvh, g, hd), K[:B, :, :T], V[:B, :, :T],
-                                               attn_mask=bias, scale=a.scaling)
+                                               attn_mask=bias, scale=lw.scale)
             out.append(o.reshape(B, heads * hd))
         off = B
         for j, mask in zip(joins, causal):
             qj = q[off:off + j.n].transpose(0, 1)[None]                     # (1, heads, n, hd)
             o = F.scaled_dot_product_attention(qj, K[j.row:j.row + 1, :, :j.start + j.n],
                                                V[j.row:j.row + 1, :, :j.start + j.n],
-                                               attn_mask=mask, scale=a.scaling, enable_gqa=True)
+                                               attn_mask=mask, scale=lw.scale, enable_gqa=True)
             out.append(o[0].transpose(0, 1).reshape(j.n, heads * hd))
             off += j.n
-        h = h + a.o_proj(out[0] if len(out) == 1 else torch.cat(out))     # (N, H)
-        h = h + layer.mlp(layer.post_attention_layernorm(h))
+        h = h + F.linear(out[0] if len(out) == 1 else torch.cat(out), *lw.o)   # (N, H)
+        x = _rms_norm(h, lw.norm2, lw.eps)
+        h = h + F.linear(lw.act(F.linear(x, *lw.gate)) * F.linear(x, *lw.up), *lw.down)
     if joins:                                                               # each row's last token
         last, off = list(range(B)), B
         for j in joins:
             off += j.n
             last.append(off - 1)
         h = h[last]                                                         # (B + J, H)
-    return model.lm_head(m.norm(h)).float()
+    return F.linear(_rms_norm(h, w.norm, w.eps), *w.head).float()
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm as HF's Llama/Qwen: w · x / √(mean(x²) + ε), computed in fp32 (the weight applied
+    after the cast back, as HF)."""
+    if x.dtype == torch.float32:
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
+    return weight * F.rms_norm(x.float(), (x.shape[-1],), None, eps).to(x.dtype)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -202,6 +269,7 @@ class BatchedSampler:
     def __init__(self, model, tokenizer, version: int = 0, prefix_entries: int = 8):
         check_supported(model)
         self.model, self.tokenizer = model.eval(), tokenizer
+        self._lean = lean_weights(model)
         self.version = version
         self.prefix_entries = prefix_entries
         self._stop = chat.stop_token_id(tokenizer)
@@ -387,9 +455,9 @@ class BatchedSampler:
         for q, j in zip(joined, joins):
             ids += q.context[j.start:]
             pos += range(j.start, j.start + j.n)
-        logits = step_forward(self.model, self._pool, self._rope,
-                              torch.tensor(ids, device=self._device),
-                              torch.tensor(pos, device=self._device), B, joins)   # (B + J, V)
+        rows = list(range(B)) + [j.row for j in joins for _ in range(j.n)]
+        logits = step_forward(self._lean, self._pool, self._rope,
+                              *torch.tensor([ids, pos, rows], device=self._device), joins)   # (B + J, V)
         for q in self._active:
             q.row.ids.append(q.action[-1])
             q.fed += 1
