@@ -21,7 +21,8 @@ DOCS = ROOT / "docs"
 
 # Lowest first. A module may import modules of lower layers, or of its own layer without a cycle.
 LAYERS: list[set[str]] = [
-    {"chat", "split", "kernels", "dist", "cli", "task", "sandbox_init", "tracking"},   # plumbing,
+    {"chat", "split", "kernels", "dist", "cli", "task", "sandbox_init", "tracking",   # plumbing,
+     "endpoint"},                                   # the OpenAI-compatible client,
                                                     # splitting math, the task layout, the
                                                     # in-sandbox init, metrics logging
     {"sandbox"},                                    # backends + PaperBench task layout
