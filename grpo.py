@@ -514,11 +514,13 @@ def schedule(cfg, n_tasks: int) -> list[Step]:
 # carries over). Steps are planned one ahead, when the current step's rollouts are requested (so
 # partial rollouts keep working): with ŝ_m = T_m · mean_j(d_j / T_j) the estimated duration of a
 # step of stage m from the finished steps' durations d_j and timeouts T_j (a rollout's cost grows
-# with its timeout), the next step goes to the first stage m' ≥ m with
-#     clock + ŝ_m (the current step) + ŝ_m' ≤ D_m'.
+# with its timeout), the next step goes to the first stage m' ≥ m whose deadline it would reach
+# at least half done (its midpoint before D_m', so the expected over- and under-run are equal):
+#     clock + ŝ_m (the current step) + ŝ_m' / 2 ≤ D_m'.
 # When none fits then, or no step has finished yet (no estimate), the plan is made again when the
-# current step ends, with its real end: clock + ŝ_m' ≤ D_m' (that next step's rollouts start then,
-# not during the update); none: RL ends. The budget is kept up to the estimate's error.
+# current step ends, with its real end: clock + ŝ_m' / 2 ≤ D_m' (that next step's rollouts start
+# then, not during the update); none: RL ends. A stage can thus be skipped when an earlier one
+# overran its deadline. The budget is kept up to about half a step.
 
 def stage_deadlines(wall_s: float, steps: tuple[int, ...]) -> list[float]:
     """D_m = wall_s · (n_1 + … + n_m) / Σ n: the RL clock at which stage m's time is spent."""
@@ -538,7 +540,7 @@ def plan_next_stage(clock_s: float, stage: int, timeouts: tuple[float, ...],
     per_unit = sum(d / T for d, T in durations) / len(durations)
     end = clock_s + per_unit * timeouts[stage] * running            # the current step's end
     for m in range(stage, len(timeouts)):
-        if end + per_unit * timeouts[m] <= deadlines[m]:
+        if end + per_unit * timeouts[m] / 2 <= deadlines[m]:
             return m
     return None
 

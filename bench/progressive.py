@@ -24,7 +24,7 @@ they share the machine's load (on a machine others use, wall-time equality is ap
 arm's RL clock and CPU seconds are reported). Writes bench/results/progressive-cpu.json and the
 README block between the progressive markers.
 
-    python bench/progressive.py --seeds 3        # ~4 min of RL per arm, ~8 min per seed
+    python bench/progressive.py --seeds 3        # 9 min of RL per arm, ~16 min per seed
     python bench/progressive.py --quick          # the pipeline with tiny budgets (smoke test)
     python bench/progressive.py --report-only    # the JSON and the README block from the runs
 
@@ -69,7 +69,7 @@ class ProgConfig:
     """Evaluation budget and full horizon T (turns)."""
     p_timeouts: tuple[int, ...] = (22, 45, 68)
     """P's stage timeouts: T/3, 2T/3, T."""
-    rl_wall_s: float = 240.0
+    rl_wall_s: float = 540.0
     """RL wall budget of each arm (seconds of the RL loop; P's stages get a third each)."""
     n_rollouts: int = 4
     tasks_per_step: int = 2
@@ -264,7 +264,7 @@ def parse_args(argv=None) -> tuple[ProgConfig, argparse.Namespace]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seeds", type=int, default=None, help="RL seeds (default 3)")
     ap.add_argument("--rl-wall-s", type=float, default=None,
-                    help="RL wall budget per arm in seconds (default 240)")
+                    help="RL wall budget per arm in seconds (default 540)")
     ap.add_argument("--out", type=Path, default=None, help="run folders (default runs/progressive)")
     ap.add_argument("--quick", action="store_true", help="tiny budgets, 1 seed: a smoke test")
     ap.add_argument("--report-only", action="store_true", help="only collect and write")

@@ -17,19 +17,20 @@ def test_stage_deadlines_share_the_budget_like_the_step_counts():
 
 
 def test_plan_next_stage_follows_the_documented_rule():
+    """The next step goes to the first stage whose deadline it reaches at least half done."""
     T, D = (10, 20, 30), [30.0, 60.0, 90.0]
     one = [(10.0, 10)]                       # 1 s per turn of timeout: a stage-m step = T_m s
-    assert grpo.plan_next_stage(10.0, 0, T, D, one) == 0        # 10 + 10 + 10 = 30 <= 30
-    assert grpo.plan_next_stage(15.0, 0, T, D, one) == 1        # 35 > 30; 25 + 20 <= 60
+    assert grpo.plan_next_stage(15.0, 0, T, D, one) == 0        # 15 + 10 + 5 = 30 <= 30
+    assert grpo.plan_next_stage(22.0, 0, T, D, one) == 1        # 37 > 30; 32 + 10 <= 60
     assert grpo.plan_next_stage(45.0, 0, T, D, one) == 2        # stage 1 no longer fits: skipped
-    assert grpo.plan_next_stage(50.0, 1, T, D, one) is None     # 70 + 20 > 60, 70 + 30 > 90
+    assert grpo.plan_next_stage(60.0, 1, T, D, one) is None     # 80 + 10 > 60, 80 + 15 > 90
     # the estimate is the mean cost per turn of timeout over the finished steps, scaled to T_m
-    assert grpo.plan_next_stage(20.0, 1, T, D, [(10.0, 10), (60.0, 20)]) is None  # 2 s/turn
-    assert grpo.plan_next_stage(20.0, 1, T, D, [(5.0, 10), (10.0, 20)]) == 1      # 0.5 s/turn
+    assert grpo.plan_next_stage(25.0, 1, T, D, [(10.0, 10), (60.0, 20)]) is None  # 2 s/turn
+    assert grpo.plan_next_stage(25.0, 1, T, D, [(5.0, 10), (10.0, 20)]) == 1      # 0.5 s/turn
     # planned again at the current step's real end (running=False): only the next step counts
-    assert grpo.plan_next_stage(35.0, 1, T, D, one, running=False) == 1         # 35 + 20 <= 60
-    assert grpo.plan_next_stage(65.0, 1, T, D, one, running=False) is None      # 95 > 90
-    assert grpo.plan_next_stage(55.0, 1, T, D, one, running=False) == 2         # 85 <= 90
+    assert grpo.plan_next_stage(35.0, 1, T, D, one, running=False) == 1         # 35 + 10 <= 60
+    assert grpo.plan_next_stage(55.0, 1, T, D, one, running=False) == 2         # 65 > 60; 70 <= 90
+    assert grpo.plan_next_stage(80.0, 1, T, D, one, running=False) is None      # 95 > 90
 
 
 def test_wall_steps_pick_tasks_by_seed_and_index_only():
