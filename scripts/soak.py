@@ -110,13 +110,15 @@ def make_call(mode: str, k: int, rng: random.Random) -> Call:
     raise ValueError(f"unknown mode {mode!r}")
 
 
-def check_answer(call: Call, r: S.ExecResult, output_chars: int, slack_s: float) -> list[str]:
-    """What in `r` is not the documented answer to `call` (empty: all as documented)."""
+def check_answer(call: Call, r: S.ExecResult, output_chars: int, slack_s: float,
+                 grace_s: float = GRACE) -> list[str]:
+    """What in `r` is not the documented answer to `call` (empty: all as documented). grace_s:
+    the backend's real grace (Docker's `timeout -k` counts whole seconds: at least 1)."""
     e, bad = call.expect, []
     if call.mode in ("timeout", "term", "forkbomb"):
         if not r.timed_out or r.exit_code is not None:
             bad.append("not reported as timed out")
-        if r.duration_s > call.timeout + GRACE + slack_s:
+        if r.duration_s > call.timeout + grace_s + slack_s:
             bad.append("came back later than timeout + grace + slack")
     elif r.timed_out:
         bad.append("timed out")
@@ -263,7 +265,8 @@ class Soak:
                 try:
                     box = box or self.open()
                     r = box.exec(call.cmd, call.timeout, env={"KLONG_SOAK": tag})
-                    problems = check_answer(call, r, box.limits.output_chars, self.a.slack_s)
+                    grace = GRACE if isinstance(box, S.LocalSandbox) else max(1, round(GRACE))
+                    problems = check_answer(call, r, box.limits.output_chars, self.a.slack_s, grace)
                     if mode in ("timeout", "term", "forkbomb") and marked(tag):
                         problems.append("processes of the call survived it")
                     if mode == "zombie":
