@@ -81,14 +81,17 @@ def check_supported(model) -> None:
 # ----------------------------------------------------------------------------- the decoder
 
 def rope_table(model, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin (length, hd) of the model's rotary embedding at positions 0 … length − 1.
+    """cos and signed sin (length, hd) of the model's rotary embedding at positions 0 … length − 1.
 
-    The HF rotary embedding is elementwise in the position (cos/sin of position · inv_freq), so
-    rows of one table equal what a per-call computation gives, bit for bit."""
+    RoPE(x) = x·cos + rot(x)·sin with rot(x) = (−x₂, x₁) over the halves of the head dimension;
+    here rot(x)·sin = x[swap]·(±sin): the halves swapped by one gather, the sign folded into the
+    table (−sin on the first half). The HF rotary embedding is elementwise in the position, so the
+    table's rows equal a per-call computation bit for bit."""
     p = next(model.parameters())
     cos, sin = model.model.rotary_emb(torch.zeros(1, device=p.device, dtype=p.dtype),
                                       torch.arange(length, device=p.device)[None])
-    return cos[0], sin[0]
+    half = sin.shape[-1] // 2
+    return cos[0], torch.cat((-sin[0, :, :half], sin[0, :, half:]), dim=-1)
 
 
 @dataclass
@@ -172,11 +175,12 @@ def step_forward(w: LeanWeights, pool: torch.Tensor, rope: tuple[torch.Tensor, t
     whatever lies beyond a row's length (padding, stale K/V) is never read. Attention runs per
     part: one call for the B decode rows (the g query heads of a kv head as one block of g query
     rows, padding masked by −inf), one per join (causal with the join's offset)."""
-    N, (cos_t, sin_t) = ids.shape[0], rope
+    N, (cos_t, sin_t) = ids.shape[0], rope          # sin_t signed: rope_table
     B = N - sum(j.n for j in joins)
     heads, kvh, hd = w.heads, pool.shape[2], pool.shape[-1]
     g = heads // kvh                                                        # queries per kv head
     cos, sin = cos_t[pos][:, None], sin_t[pos][:, None]                     # (N, 1, hd)
+    swap = torch.arange(hd, device=ids.device).roll(hd // 2)                # (x₂, x₁)
     T = int(pos[:B].max()) + 1 if B else 0                                  # attended by decode rows
     bias = torch.zeros(B, 1, 1, T, device=ids.device, dtype=cos.dtype).masked_fill_(
         torch.arange(T, device=ids.device) > pos[:B, None, None, None], float("-inf"))  # (B, 1, 1, T)
@@ -190,8 +194,8 @@ def step_forward(w: LeanWeights, pool: torch.Tensor, rope: tuple[torch.Tensor, t
         v = F.linear(x, *lw.v).view(N, kvh, hd)
         if lw.q_norm is not None:                                           # Qwen3: per-head norm
             q, k = _rms_norm(q, lw.q_norm, lw.eps), _rms_norm(k, lw.k_norm, lw.eps)
-        q = q * cos + _rotate_half(q) * sin                                 # RoPE: x·cos + rot(x)·sin
-        k = k * cos + _rotate_half(k) * sin
+        q = torch.addcmul(q * cos, q[..., swap], sin)                       # RoPE: x·cos + rot(x)·sin
+        k = torch.addcmul(k * cos, k[..., swap], sin)
         K, V = pool[2 * l], pool[2 * l + 1]                                 # (S, kv, L, hd)
         K[rows, :, pos] = k
         V[rows, :, pos] = v
@@ -226,12 +230,6 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
     if x.dtype == torch.float32:
         return F.rms_norm(x, (x.shape[-1],), weight, eps)
     return weight * F.rms_norm(x.float(), (x.shape[-1],), None, eps).to(x.dtype)
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    """rot(x) = (−x₂, x₁) over the two halves of the head dimension (HF's rotate_half)."""
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
 # ----------------------------------------------------------------------------- records
