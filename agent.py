@@ -269,11 +269,6 @@ class ContextTooLong(PolicyError):
     rebuilds a smaller context and asks once more (_act)."""
 
 
-# an HTTP 400 that is about the prompt's length (vLLM, SGLang, OpenAI, Anthropic-compatible wording)
-_CONTEXT_ERROR = re.compile(r"context[ _-]?(length|window)|maximum context|max_model_len|"
-                            r"too many tokens|prompt is too long|input is too long", re.I)
-
-
 def json_tokens(x: object) -> int:
     """Tokens of what is sent as JSON, about 4 characters a token (no tokenizer for an endpoint)."""
     return (len(json.dumps(x)) + 3) // 4
@@ -444,24 +439,96 @@ def _from_openai(msg: dict) -> dict:
     return out
 
 
+TOKEN_FORMATS = ("vllm", "sglang")   # servers whose chat completions can carry Samples
+
+
+def _token_id(token: str) -> int:
+    """vLLM's `return_tokens_as_token_ids` spelling of a sampled token: "token_id:N" -> N."""
+    if not token.startswith("token_id:"):
+        raise ValueError(f"token {token!r} is not of the form token_id:N "
+                         "(return_tokens_as_token_ids ignored by the server?)")
+    return int(token[len("token_id:"):])
+
+
+def completion_tokens(raw: dict, flavour: str) -> tuple[list[int] | None, list[int], list[float]]:
+    """(prompt ids or None, sampled ids, their log-probs) of one chat completion (the response
+    JSON), from the fields each server documents (see OpenAIPolicy). Raises ValueError, naming
+    the missing field, when the reply cannot give exact sampled ids and log-probs."""
+    choice = raw["choices"][0]
+    content = (choice.get("logprobs") or {}).get("content")
+    if content is None:
+        raise ValueError("choices[0].logprobs.content is missing (the server ignored "
+                         "`logprobs: true`)")
+    logprobs = [float(c["logprob"]) for c in content]
+    ids = choice.get("token_ids")
+    if flavour == "vllm" and content:                     # token_id:N, always there with logprobs
+        from_logprobs = [_token_id(c["token"]) for c in content]
+        if ids is not None and list(ids) != from_logprobs:
+            raise ValueError("choices[0].token_ids disagree with the token_id:N of logprobs")
+        ids = from_logprobs
+    if ids is None:
+        raise ValueError("choices[0].token_ids is missing (SGLang answers it to "
+                         "`return_token_ids: true` from 2026-07 on)")
+    if len(ids) != len(logprobs):
+        raise ValueError(f"{len(ids)} sampled ids but {len(logprobs)} log-probs")
+    prompt = raw.get("prompt_token_ids") or choice.get("prompt_token_ids")
+    return (list(prompt) if prompt else None), [int(i) for i in ids], logprobs
+
+
+def template_ids(tokenizer, messages: list[dict], tools: list[dict]) -> list[int]:
+    """The prompt ids a server builds from `messages` with the model's chat template (the
+    fallback when it does not return them): the local tokenizer's template, generation prompt
+    added, tool-call arguments as dicts (as vLLM and SGLang pass them to the template)."""
+    return list(tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True,
+                                              tokenize=True, return_dict=True)["input_ids"])
+
+
 class OpenAIPolicy:
-    """An OpenAI-compatible /v1/chat/completions endpoint (vLLM, SGLang, hosted APIs) with tools.
-    Connection errors, timeouts, 429 and 5xx are retried with exponential backoff; the time spent
-    in failed attempts and backoff is returned as api_wait_s (off the episode clock, as
-    PaperBench does). Other 4xx and exhausted retries raise PolicyError.
+    """An OpenAI-compatible /v1/chat/completions endpoint (vLLM, SGLang, hosted APIs) with tools,
+    through endpoint.ChatEndpoint (the official `openai` client, retries by `tenacity`):
+    connection errors, timeouts, 429, 5xx and malformed replies are retried with exponential
+    backoff; the time spent in failed attempts and backoff is returned as api_wait_s (off the
+    episode clock, as PaperBench does). Other 4xx and exhausted retries raise PolicyError.
 
     Context (KLong's context-length handling): with `context_len` (the endpoint's window in
     tokens, klong.Config.policy_context_len) the episode loop builds every prompt with split's
     context builder under `self.context`: the window less the tools' schema, with the answer's
     max_tokens kept free, all counted as sent (json_tokens), so no prompt is over-long. An HTTP
     400 about the prompt's length raises ContextTooLong: the loop rebuilds smaller and retries
-    once, then ends the episode (context_error, the reason recorded)."""
+    once, then ends the episode (context_error, the reason recorded).
+
+    Samples for RL (`tokens="vllm"` or `"sglang"`, issue 19.3): each reply also returns a
+    split.Sample (prompt ids, sampled ids, behaviour log-probs, `version`), so PPO's π_old is the
+    server's own log-prob of what it sampled. What is asked and read:
+    - vLLM (OpenAI server, v0.10.2 or later, vllm-project/vllm PR 22587): `logprobs: true`,
+      `top_logprobs: 0`, `return_tokens_as_token_ids: true` (each logprobs.content[i].token is
+      "token_id:N", so the sampled ids are exact even for tokens that are not valid UTF-8) and
+      `return_token_ids: true` (the response's top-level `prompt_token_ids`, and
+      `choices[0].token_ids`, checked against the token_id:N list).
+    - SGLang (OpenAI server; sgl-project/sglang PR 30917, 2026-07): `logprobs: true`,
+      `top_logprobs: 0`, `return_token_ids: true` (per choice `prompt_token_ids` and
+      `token_ids`; its logprobs.content tokens are text, so without `token_ids` there is no
+      Sample and the reply fails as a policy error naming the field).
+    Where a server returns no prompt ids (vLLM before 0.10.2), the prompt is tokenised here with
+    the local `tokenizer`'s chat template (template_ids; `self.prompt_ids` says which was
+    used): exact only when the server uses the same template and tokenizer.
+    Log-probs are the server's: vLLM's default `--logprobs-mode raw_logprobs` is the
+    temperature-1 distribution, so a run at another temperature needs `--logprobs-mode
+    processed_logprobs` on the server (RL's log-probs are at klong.Config.temperature).
+    The server's own prompt is its re-tokenisation of the messages, not the ids sampled earlier
+    (LocalPolicy keeps those): a reply that re-tokenises differently starts a new training
+    sequence in grpo.sampled_subtrajectories, still exact, counted as one more R_j.
+    When the server parsed no tool call (no tool parser for the model's format) and a
+    `tokenizer` is given, the sampled ids are parsed here (chat.decode_assistant)."""
 
     def __init__(self, url: str, model: str, api_key: str | None = None, temperature: float = 1.0,
                  max_tokens: int | None = None, timeout_s: float = 600.0, retries: int = 6,
                  backoff_s: float = 1.0, max_backoff_s: float = 60.0,
-                 context_len: int | None = None):
-        import httpx
+                 context_len: int | None = None, tokens: str | None = None, tokenizer=None,
+                 version: int = 0, seed: int | None = None):
+        import endpoint
+        if tokens is not None and tokens not in TOKEN_FORMATS:
+            raise ValueError(f"OpenAIPolicy: tokens {tokens!r}: expected one of {TOKEN_FORMATS}")
         self.context: SplitConfig | None = None
         if context_len:
             reserve = max_tokens or ANSWER_TOKENS
@@ -471,53 +538,71 @@ class OpenAIPolicy:
                                  f"after the tools' schema: too little for answers of {reserve}")
             self.context = SplitConfig(context_len=room, reserve=reserve)
             max_tokens = reserve
-        base = url.rstrip("/")
-        self.url = base if base.endswith("/chat/completions") else \
-            base + ("/chat/completions" if base.endswith("/v1") else "/v1/chat/completions")
-        self.model, self.temperature, self.max_tokens = model, temperature, max_tokens
-        self.retries, self.backoff_s, self.max_backoff_s = retries, backoff_s, max_backoff_s
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.client = httpx.Client(timeout=timeout_s, headers=headers)
+        self.endpoint = endpoint.ChatEndpoint(url, model, api_key=api_key, timeout_s=timeout_s,
+                                              attempts=retries + 1, backoff_s=backoff_s,
+                                              max_backoff_s=max_backoff_s)
+        self.url, self.model = self.endpoint.url, model
+        self.temperature, self.max_tokens, self.seed = temperature, max_tokens, seed
+        self.tokens, self.tokenizer, self.version = tokens, tokenizer, version
+        self.prompt_ids = None            # "server" or "local" (template_ids) once a Sample is made
+        if tokenizer is not None:         # the context builder counts the model's tokens
+            import chat
+            self.count_tokens = chat.MessageCache(tokenizer).count
+            self.max_new_tokens = max_tokens or 0
 
     def count_tokens(self, message: dict) -> int:
         """A message's tokens as it is sent (the context builder's count)."""
         return json_tokens(_to_openai(message))
 
+    def _extra_body(self) -> dict | None:
+        if self.tokens is None:
+            return None
+        extra = {"logprobs": True, "top_logprobs": 0, "return_token_ids": True}
+        if self.tokens == "vllm":
+            extra["return_tokens_as_token_ids"] = True
+        return extra
+
     def act(self, messages: list[dict], tools: list[dict]) -> PolicyReply:
-        import httpx
-        body = {"model": self.model, "messages": [_to_openai(m) for m in messages],
-                "tools": tools, "temperature": self.temperature}
-        if self.max_tokens:
-            body["max_tokens"] = self.max_tokens
-        waited = 0.0
-        for attempt in range(self.retries + 1):
-            t0 = time.monotonic()
-            try:
-                r = self.client.post(self.url, json=body)
-                if r.status_code == 429 or r.status_code >= 500:
-                    raise PolicyError(f"{self.url}: HTTP {r.status_code}: {r.text[:300]}")
-                if r.status_code == 400 and _CONTEXT_ERROR.search(r.text):
-                    raise ContextTooLong(f"{self.url}: HTTP 400: {' '.join(r.text.split())[:300]}")
-                if r.status_code >= 400:
-                    raise PolicyError(f"{self.url}: HTTP {r.status_code} (not retried): {r.text[:500]}")
-                try:
-                    message = r.json()["choices"][0]["message"]
-                except (ValueError, KeyError, IndexError, TypeError):
-                    raise PolicyError(f"{self.url}: not a chat completion: {r.text[:300]}") from None
-                return PolicyReply(_from_openai(message), api_wait_s=waited)
-            except (httpx.TransportError, PolicyError) as e:
-                if isinstance(e, ContextTooLong) or (isinstance(e, PolicyError) and
-                                                     "not retried" in str(e)):
-                    raise
-                waited += time.monotonic() - t0
-                if attempt == self.retries:
-                    raise PolicyError(f"{self.url}: no answer after {self.retries + 1} tries: {e}") \
-                        from None
-                delay = min(self.max_backoff_s, self.backoff_s * 2 ** attempt)
-                log.warning("policy endpoint: %s; retrying in %.1fs", e, delay)
-                time.sleep(delay)
-                waited += delay
-        raise AssertionError("unreachable")
+        import endpoint
+        try:
+            done = self.endpoint.create([_to_openai(m) for m in messages], tools=tools,
+                                        max_tokens=self.max_tokens or None,
+                                        temperature=self.temperature, seed=self.seed,
+                                        extra_body=self._extra_body())
+        except endpoint.ContextLengthError as e:
+            raise ContextTooLong(f"{self.url}: HTTP 400: {' '.join(e.body.split())[:300]}") from None
+        except endpoint.EndpointRequestError as e:
+            raise PolicyError(f"{self.url}: HTTP {e.status} (not retried): {e.body[:500]}") from None
+        except endpoint.EndpointUnavailable as e:
+            raise PolicyError(f"{self.url}: no answer after {self.endpoint.attempts} tries: {e}") \
+                from None
+        except endpoint.EndpointError as e:
+            raise PolicyError(str(e)) from None
+        message = _from_openai(done.message)
+        if self.tokens is None:
+            return PolicyReply(message, api_wait_s=done.wait_s)
+        try:
+            prompt, action, logprobs = completion_tokens(done.raw, self.tokens)
+        except (ValueError, KeyError, IndexError, TypeError) as e:
+            raise PolicyError(f"{self.url}: no exact tokens in the {self.tokens} reply: "
+                              f"{type(e).__name__}: {e}") from None
+        if prompt is None:
+            if self.tokenizer is None:
+                raise PolicyError(f"{self.url}: the reply has no prompt_token_ids and no local "
+                                  "tokenizer was given to tokenise the prompt")
+            prompt, self.prompt_ids = template_ids(self.tokenizer, messages, tools), "local"
+        else:
+            self.prompt_ids = "server"
+        if not message.get("tool_calls") and self.tokenizer is not None:
+            import chat
+            try:                          # the server had no tool parser for this format
+                parsed = chat.decode_assistant(self.tokenizer, action)
+                if parsed.get("tool_calls"):
+                    message = parsed
+            except chat.ToolCallParseError:
+                pass
+        return PolicyReply(message, Sample(-1, prompt, action, logprobs, self.version),
+                           api_wait_s=done.wait_s)
 
 
 # ============================================================================ 3. the episode loop

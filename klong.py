@@ -177,6 +177,14 @@ class Config:
     sampler, and partial rollouts start while the policy trains."""
     judge_workers: int = 2
     """Judge queue worker threads."""
+    rollout_server: str = ""
+    """RL rollouts from an inference server instead of the local sampler: `vllm:URL` or
+    `sglang:URL` (`KIND:MODEL@URL` names the served model); after every update the weights are
+    written to `rollout_weights` and the server reloads them (rollout_server.py; vLLM needs
+    VLLM_SERVER_DEV_MODE=1). "" = the local batched sampler."""
+    rollout_weights: str = ""
+    """With `rollout_server`: the folder the new weights are written to after every update (for
+    vLLM the folder the server was started on: `vllm serve DIR`). "" = RUN_DIR/rl/served."""
     rl_eval: bool = True
     """RL: the greedy held-out score (mean ± SE over the `eval_tasks` tasks) before the first step
     and after the last, printed and written to rl/summary.json (off in 8gpu: use --stage eval)."""
@@ -303,6 +311,12 @@ def check_config(cfg: Config) -> None:
         bad("rl_wall_s", "seconds >= 0 (0: off)")
     if cfg.report_to not in ("none", "tensorboard"):
         bad("report_to", "none or tensorboard")
+    if cfg.rollout_server:
+        import rollout_server
+        try:
+            rollout_server.parse_spec(cfg.rollout_server)
+        except ValueError as e:
+            bad("rollout_server", str(e).removeprefix("expected "))
     if cfg.overlap >= cfg.context_len:
         bad("overlap", f"fewer tokens than --context-len {cfg.context_len}")
     if cfg.heads and cfg.hidden_size % cfg.heads or cfg.kv_heads and cfg.heads % cfg.kv_heads:

@@ -28,7 +28,8 @@ LAYERS: list[set[str]] = [
     {"sandbox"},                                    # backends + PaperBench task layout
     {"judge"},                                      # rubric trees, graders, aggregation
     {"judge_queue", "agent"},                       # the priority queue; the agent scaffold
-    {"sampler", "synthetic"},                       # batched rollout sampler; the miniature's tasks
+    {"sampler", "synthetic", "rollout_server"},     # batched rollout sampler; the miniature's
+                                                    # tasks; rollouts from a vLLM/SGLang server
     {"model"},                                      # model loading, packed log-probs, checkpoints
     {"factory"},                                    # Research-Factory
     {"sft"},                                        # SFT (stages 1 and 3)
