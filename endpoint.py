@@ -10,7 +10,7 @@ every failed try is seen, classified and counted here.
 
 Retry policy (attempt k = 0, 1, ... of `attempts` tries in all):
 
-    wait_k = min(max_backoff_s, backoff_s · 2^k)        exponential backoff, capped
+    wait_k = min(max_backoff_s, backoff_s · factor^k)   exponential backoff (factor 2), capped
     wait_k = min(max_backoff_s, Retry-After)            when the reply carries Retry-After (429, 503)
 
 - retried: timeouts, connection errors (refused, dropped), HTTP 429 and 5xx, and an HTTP 200 that
@@ -132,10 +132,11 @@ def retry_after_s(headers) -> float | None:
             return None
 
 
-def backoff_s(k: int, base_s: float, max_s: float, retry_after: float | None = None) -> float:
+def backoff_s(k: int, base_s: float, max_s: float, retry_after: float | None = None,
+              factor: float = 2.0) -> float:
     """The wait after failed try k (0-based): Retry-After when the server gave one, else
-    base_s · 2^k; capped at max_s either way."""
-    return min(max_s, retry_after if retry_after is not None else base_s * 2 ** k)
+    base_s · factor^k; capped at max_s either way."""
+    return min(max_s, retry_after if retry_after is not None else base_s * factor ** k)
 
 
 class _Retryable(Exception):
@@ -156,12 +157,13 @@ class ChatEndpoint:
 
     def __init__(self, url: str, model: str, *, api_key: str | None = None,
                  timeout_s: float = 600.0, attempts: int = 4, backoff_s: float = 1.0,
-                 max_backoff_s: float = 60.0):
+                 max_backoff_s: float = 60.0, backoff_factor: float = 2.0):
         if attempts < 1:
             raise ValueError(f"ChatEndpoint: attempts must be >= 1, got {attempts}")
         self.base_url, self.model = base_url(url), model
         self.url = self.base_url + SUFFIX
         self.attempts, self.backoff_s, self.max_backoff_s = attempts, backoff_s, max_backoff_s
+        self.backoff_factor = backoff_factor
         self._client = openai.OpenAI(base_url=self.base_url, timeout=timeout_s, max_retries=0,
                                      api_key=api_key or os.environ.get("OPENAI_API_KEY") or "EMPTY")
         self._lock = threading.Lock()
@@ -211,7 +213,8 @@ class ChatEndpoint:
 
         def wait(state: tenacity.RetryCallState) -> float:
             return backoff_s(state.attempt_number - 1, self.backoff_s, self.max_backoff_s,
-                             getattr(state.outcome.exception(), "retry_after", None))
+                             getattr(state.outcome.exception(), "retry_after", None),
+                             self.backoff_factor)
 
         def before_sleep(state: tenacity.RetryCallState) -> None:
             log.warning("%s: %s; retry %d/%d in %.2fs", self.url, state.outcome.exception(),

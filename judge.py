@@ -60,10 +60,11 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator, Mapping, Protocol, Sequence
 
-import httpx
 from tqdm import tqdm
 
 from cli import Parser, UserError, is_user_error, one_line
+from endpoint import (ChatEndpoint, EndpointAccessError, EndpointRequestError,
+                      EndpointUnavailable)
 
 NodePath = tuple[int, ...]   # a node's address: child indices from the root; () is the root
 
@@ -593,67 +594,41 @@ class ChatModel(Protocol):
     def complete(self, messages: list[dict]) -> Reply: ...
 
 
-ACCESS_ERRORS = {401: "the API key is missing or wrong (set OPENAI_API_KEY)",
-                 403: "the API key may not use this model",
-                 404: "unknown model or wrong URL"}
-
-
 class OpenAIChat:
-    """An OpenAI-compatible /v1/chat/completions endpoint (vLLM, SGLang, hosted APIs). Connection
-    errors, timeouts, HTTP 429 and 5xx are retried with backoff; after the last try the endpoint is
+    """An OpenAI-compatible chat endpoint (vLLM, SGLang, hosted APIs) through endpoint.ChatEndpoint,
+    with `backoff` as its retry policy: connection errors, timeouts, HTTP 429 (its Retry-After
+    honoured), 5xx and malformed replies are retried; after the last try the endpoint is
     unavailable (JudgeUnavailable). 401/403/404: JudgeAccessError at once, and at once again for
-    every later call. Other 4xx: JudgeRequestError (that leaf is invalid)."""
+    every later call. Other 4xx: JudgeRequestError (that leaf is invalid). `stats`: the endpoint's
+    running counts (calls, retries, failures by kind), which RL and evaluation log."""
 
     def __init__(self, url: str, model: str, *, context_tokens: int = 131_072,
                  max_tokens: int | None = None, timeout_s: float = 600.0,
                  backoff: Backoff | None = None, api_key: str | None = None):
-        suffix = "/chat/completions"
-        self.endpoint = url if url.endswith(suffix) else url.rstrip("/") + suffix
+        b = backoff or Backoff()
+        self.client = ChatEndpoint(url, model, api_key=api_key, timeout_s=timeout_s,
+                                   attempts=b.attempts, backoff_s=b.base_s, max_backoff_s=b.max_s,
+                                   backoff_factor=b.factor)
         self.model, self.context_tokens, self.max_tokens = model, context_tokens, max_tokens
-        self.backoff, self.name = backoff or Backoff(), f"openai:{model}"
-        self._denied = ""   # set by the first 401/403/404
-        key = api_key or os.environ.get("OPENAI_API_KEY")
-        self._client = httpx.Client(timeout=timeout_s,
-                                    headers={"Authorization": f"Bearer {key}"} if key else {})
+        self.name = f"openai:{model}"
+
+    @property
+    def stats(self) -> dict:
+        return self.client.stats
 
     def count_tokens(self, text: str) -> int:
         return (len(text) + 3) // 4   # ≈ 4 characters per token (PaperBench counts with tiktoken)
 
     def complete(self, messages: list[dict]) -> Reply:
-        if self._denied:   # one refusal stops every later call (no request is sent)
-            raise JudgeAccessError(self._denied)
-        body = {"model": self.model, "messages": messages}
-        if self.max_tokens:
-            body["max_tokens"] = self.max_tokens
-        error = ""
-        for k in range(self.backoff.attempts):
-            try:
-                r = self._client.post(self.endpoint, json=body)
-            except httpx.TransportError as e:
-                error = f"{type(e).__name__}: {e}"
-            else:
-                if r.status_code == 200:
-                    try:
-                        data = r.json()
-                        message = data["choices"][0]["message"]
-                    except (ValueError, KeyError, IndexError, TypeError):
-                        error = f"HTTP 200 without a chat completion: {r.text[:200]!r}"
-                    else:
-                        return Reply(message.get("content") or "", data.get("usage"), k)
-                elif r.status_code == 429 or r.status_code >= 500:
-                    error = f"HTTP {r.status_code}: {r.text[:200]}"
-                elif r.status_code in ACCESS_ERRORS:
-                    self._denied = (f"judge endpoint {self.endpoint} (model {self.model!r}): "
-                                    f"HTTP {r.status_code}, {ACCESS_ERRORS[r.status_code]}: "
-                                    f"{' '.join(r.text.split())[:200]}")
-                    raise JudgeAccessError(self._denied)
-                else:
-                    raise JudgeRequestError(f"{self.endpoint} refused the request: "
-                                            f"HTTP {r.status_code}: {r.text[:500]}")
-            if k + 1 < self.backoff.attempts:
-                time.sleep(self.backoff.delay(k))
-        raise JudgeUnavailable(f"{self.endpoint} ({self.model}) failed {self.backoff.attempts} "
-                               f"times; last error: {error}")
+        try:
+            c = self.client.create(messages, max_tokens=self.max_tokens or None)
+        except EndpointAccessError as e:
+            raise JudgeAccessError(f"judge endpoint {e}") from None
+        except EndpointRequestError as e:
+            raise JudgeRequestError(str(e)) from None
+        except EndpointUnavailable as e:
+            raise JudgeUnavailable(str(e)) from e
+        return Reply(c.message.get("content") or "", c.usage, c.retries)
 
 
 class HFChat:

@@ -117,6 +117,7 @@ def test_retry_after_headers_in_seconds_dates_and_milliseconds():
     assert [E.backoff_s(k, 1.0, 5.0) for k in range(5)] == [1, 2, 4, 5, 5]
     assert E.backoff_s(0, 1.0, 5.0, retry_after=3.0) == 3.0
     assert E.backoff_s(0, 1.0, 5.0, retry_after=0.0) == 0.0
+    assert E.backoff_s(2, 1.0, 100.0, factor=3.0) == 9.0
 
 
 def test_exhausted_retries_raise_unavailable_with_every_failure(serve):
