@@ -24,6 +24,9 @@ def _model(kind: str):
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096)
     if kind == "qwen2":                                   # q/k/v biases
         return tok, Qwen2ForCausalLM(Qwen2Config(**common)).eval()
+    if kind == "qwen3":                                   # per-head q/k norms
+        from transformers import Qwen3Config, Qwen3ForCausalLM
+        return tok, Qwen3ForCausalLM(Qwen3Config(**common, head_dim=16)).eval()
     return tok, LlamaForCausalLM(LlamaConfig(**common, tie_word_embeddings=False)).eval()
 
 
@@ -87,6 +90,82 @@ def concurrently(fns) -> list:
     if errors:
         raise errors[0]
     return out
+
+
+def _last_logits(model, ids: list[int]) -> torch.Tensor:
+    """A fresh full forward's logits (V,) at the last position of `ids`."""
+    with torch.no_grad():
+        return model(input_ids=torch.tensor([ids])).logits[0, -1].float()
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "llama", "qwen3"])
+def test_a_mixed_step_gives_every_row_the_logits_of_a_fresh_forward(kind):
+    """One step_forward over 3 decode rows of different lengths and 3 joiners (one from scratch,
+    two after a held prefix, prefills of different lengths) at rows in between and beyond stale
+    K/V: each row's logits equal a fresh forward of its own sequence (padding, the other rows and
+    their prefills change nothing but rounding)."""
+    tok, model = _model(kind)
+    g = torch.Generator().manual_seed(1)
+    seqs = [torch.randint(3, len(tok), (n,), generator=g).tolist() for n in (37, 5, 61, 23, 50, 44)]
+    held = [len(seqs[0]) - 1, len(seqs[1]) - 1, len(seqs[2]) - 1, 0, 17, 30]   # K/V a row holds
+    w, rope = SM.lean_weights(model), SM.rope_table(model, 128)
+    kv, hd = model.config.num_key_value_heads, model.model.layers[0].self_attn.head_dim
+    pool = torch.randn(2 * model.config.num_hidden_layers, 8, kv, 128, hd)  # stale K/V everywhere
+    order = [0, 1, 2, 5, 3, 4]                                              # pool rows: 3 decode, 3 joiners
+    with torch.inference_mode():
+        for r, s, n in zip(order, seqs, held):                              # rows hold their prefixes
+            if n:
+                SM.step_forward(w, pool, rope, torch.tensor(s[:n]), torch.arange(n),
+                                torch.full((n,), r), [SM.Join(r, 0, n)])
+        joins = [SM.Join(r, n, len(s) - n) for r, s, n in list(zip(order, seqs, held))[3:]]
+        ids = [s[-1] for s in seqs[:3]] + [t for s, j in zip(seqs[3:], joins) for t in s[j.start:]]
+        pos = held[:3] + [p for j in joins for p in range(j.start, j.start + j.n)]
+        rows = [0, 1, 2] + [j.row for j in joins for _ in range(j.n)]
+        logits = SM.step_forward(w, pool, rope, torch.tensor(ids), torch.tensor(pos),
+                                 torch.tensor(rows), joins)
+    assert logits.shape == (6, len(tok))
+    for got, s in zip(logits, seqs):
+        assert torch.allclose(got, _last_logits(model, s), atol=1e-4)
+
+
+def _greedy_reference(model, tok, context: list[int], n: int) -> list[int]:
+    """Greedy decoding by fresh full forwards (no cache): up to n tokens or the stop token."""
+    out, stop = [], chat.stop_token_id(tok)
+    while len(out) < n and (not out or out[-1] != stop):
+        out.append(int(_last_logits(model, context + out).argmax()))
+    return out
+
+
+def test_requests_arriving_together_are_prefilled_in_one_step(qwen):
+    """Four episodes' next contexts (each extending what its row holds by a different number of
+    tokens) join in one step while another row decodes: each action equals greedy decoding by
+    fresh forwards token for token, and its log-probs a fresh forward's."""
+    import random
+    from split import Sample
+    tok, model = qwen
+    smp = SM.BatchedSampler(model, tok)
+
+    def run(reqs):
+        later = smp._step(reqs)
+        while later or smp._active:
+            later = smp._step(later)
+
+    with torch.inference_mode():        # driven here: nothing is submitted, the loop thread idles
+        first = [SM._Request(SM._Row(), A.OwnReplies(tok).context(start(k)), 0.0, 6,
+                             random.Random(0)) for k in range(5)]
+        for q in first:
+            run([q])
+        nxt = [SM._Request(q.row, q.context + q.action + [7 + k] * (3 + 4 * k), 0.0, 8 + k,
+                           random.Random(0)) for k, q in enumerate(first)]
+        smp._step(nxt[4:])
+        assert smp.max_joins == 1 and len(smp._active) == 1
+        run(nxt[:4])
+    assert smp.max_joins == 4
+    for q in nxt:
+        assert q.action == _greedy_reference(model, tok, q.context, q.max_new_tokens)
+        sample = Sample(-1, q.context, q.action, q.logprobs, q.version)
+        assert torch.allclose(torch.tensor(q.logprobs), full_forward_logprobs(model, sample, 0),
+                              atol=1e-4)
 
 
 def test_greedy_output_equals_the_per_episode_decoder_token_for_token(tiny):
