@@ -5,21 +5,24 @@ Episode threads call `EpisodePolicy.act` (the interface of agent.LocalPolicy: a 
 the same split.Sample) and block; one decode loop (a thread of the `BatchedSampler`) serves them:
 
 1. **Continuous batching.** Requests join and leave between decode steps. Each step runs the
-   decoder once over all decoding rows, B × 1 new token, and samples every row.
+   decoder once over all decoding rows, B × 1 new token, plus the prefill of the J requests
+   joining at that step (mixed batching: their n_j new tokens share every linear layer with the
+   decode rows, one forward in all), and samples every row.
 2. **One KV cache per episode, kept across turns** (the paper's prompt caching, as LocalPolicy):
-   the pool holds K/V tensors (S, kv, L, hd) per layer, one row per live episode. A new context
-   keeps the longest common prefix with the ids the row holds (the next context usually extends
-   context + action; when the context builder re-truncates the history the row is cropped to what
-   is shared, at least p) and only the rest is prefilled (one forward per joining request).
+   the pool holds K/V (2·layers, S, kv, L, hd), one row per live episode. A new context keeps the
+   longest common prefix with the ids the row holds (the next context usually extends context +
+   action; when the context builder re-truncates the history the row is cropped to what is
+   shared, at least p) and only the rest is prefilled.
 3. **Join / leave without rebuilding the batch.** Decoding rows are kept at the front of the
-   pool, rows 0..B−1, so a step reads the view pool[:B] and appends each row's new K/V in place at
-   its own length (ragged rows, right padding; an attention mask and explicit positions make
-   padding invisible). A request that joins or leaves swaps its row with the boundary row:
-   O(L) copied per turn boundary, never O(B·L).
+   pool, rows 0..B−1, joiners placed right after them, so a step reads the view pool[:, :B] and
+   writes each new token's K/V in place at its row and position (ragged rows, right padding; an
+   attention mask and explicit positions make padding invisible). A request that joins or leaves
+   swaps its row with the boundary row: O(L) copied per turn boundary, never O(B·L).
 4. **Shared prefix.** A row prefilled from scratch leaves its ids and K/V in a small LRU store;
    a later context with a longer common prefix with a stored entry copies that K/V instead of
    recomputing it, so the n rollouts of a task prefill their common start (system, instructions)
-   once.
+   once (a request sharing more with a from-scratch joiner of the same step waits one step for
+   its copy).
 5. **Exact behaviour log-probs.** Each sampled token's log-prob is log softmax(logits / T) of the
    row's own logits (T = 0: greedy, log-probs at T = 1), as LocalPolicy; padding and the other
    rows change nothing but floating-point rounding (tested: greedy equal token for token to
@@ -30,16 +33,21 @@ the same split.Sample) and block; one decode loop (a thread of the `BatchedSampl
    with a cache of that version, and its Sample records it: PPO's π_old is exactly the behaviour
    policy (agent.LocalPolicy instead keeps an older version's cache across a publish).
 
-The decoder is a lean loop over the Hugging Face model's own modules (embedding, RMSNorms, q/k/v/o
-projections, rotary embedding, MLP, LM head) for the Llama / Qwen2 / Qwen3 family; the HF forward's
-per-call overhead (cache objects, mask building) dominated a decode step at the tiny model's size.
-Other architectures raise `Unsupported` (grpo then falls back to one LocalPolicy at a time).
+The decoder (`step_forward`) is a lean loop over the Hugging Face model's own parameters
+(embedding, RMSNorms, q/k/v/o projections, MLP, LM head; RoPE from a table) for the Llama / Qwen2 /
+Qwen3 family: at the tiny model's size a decode step is mostly per-operation overhead (the HF
+forward's cache objects and mask building, module calls), so it uses few, flat operations
+(F.linear on the parameters, F.rms_norm, one gather for RoPE's half swap, the g query heads of a
+kv head as one block of g query rows in decode attention). Other architectures, and modules
+other than plain Linear / RMSNorm, raise `Unsupported` (grpo then falls back to one LocalPolicy
+at a time).
 
 Departures: sampled tokens depend on batch composition only through floating-point rounding
 (a near-tie may break differently from LocalPolicy); the KV pool keeps every live episode's cache
 (memory ∝ live episodes × context, as LocalPolicy's per-episode caches).
-Dimension letters: B decoding rows, S pool rows, n new tokens, L cache capacity, T attended
-positions, H hidden, kv key/value heads, hd head dim, V vocabulary.
+Dimension letters: B decoding rows, J joining requests, N new tokens of a step, S pool rows, n new
+tokens of one request, L cache capacity, T attended positions, H hidden, kv key/value heads, g
+query heads per kv head, hd head dim, V vocabulary.
 """
 from __future__ import annotations
 
