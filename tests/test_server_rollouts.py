@@ -73,6 +73,7 @@ class ModelServer:
         self.tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
         self.model = load(folder)
         self.stop = chat.stop_token_id(self.tok)
+        self.rng = torch.Generator().manual_seed(0)
         self.lock = threading.Lock()
         self.routes: Counter[str] = Counter()
         self.sampled: list[dict] = []         # per completion: prompt, ids, logprobs
@@ -104,7 +105,8 @@ class ModelServer:
                                                    add_generation_prompt=True, tokenize=True,
                                                    return_dict=True)["input_ids"])
         T = body.get("temperature", 1.0)
-        g = torch.Generator().manual_seed(body["seed"] if body.get("seed") is not None else 0)
+        g = torch.Generator().manual_seed(body["seed"]) if body.get("seed") is not None \
+            else self.rng                         # unseeded requests draw from the server's RNG
         ids, lps, ctx = [], [], list(prompt)
         with torch.no_grad():
             for _ in range(body.get("max_tokens") or 16):
@@ -348,7 +350,7 @@ def test_rl_trains_on_server_rollouts_and_the_server_reloads_after_every_update(
         _, cfg = klong.parse_args([
             "--stage", "rl", "--run-dir", str(run), "--rl-timeouts", "8", "--rl-steps", "2",
             "--n-rollouts", "3", "--tasks-per-step", "1", "--n-tasks", "2", "--rl-eval", "false",
-            "--rollout-workers", "3", "--rollout-server", f"vllm:{server.url}/v1",
+            "--rollout-workers", "1", "--rollout-server", f"vllm:{server.url}/v1",
             "--rollout-weights", str(served)])
         grpo.run_rl(cfg)
         log = [json.loads(x) for x in (run / "rl" / "log.jsonl").read_text().splitlines()]
@@ -360,8 +362,10 @@ def test_rl_trains_on_server_rollouts_and_the_server_reloads_after_every_update(
     finally:
         server.close()
     steps = [r for r in log if "reward_mean" in r]
-    assert len(steps) == 2 and all(r["action_tokens"] > 0 for r in steps)
-    assert any(r["grad_norm"] > 0 for r in steps)                       # a real policy gradient
+    assert len(steps) == 2 and all(r["action_tokens"] > 0 for r in steps), log
+    # step 1 starts at π_ref (its KL term has no gradient): a gradient there is the policy
+    # gradient of the server-sampled rollouts' advantages
+    assert steps[0]["reward_std"] > 0 and steps[0]["grad_norm"] > 0, log
     assert server.routes["/collective_rpc"] == server.routes["/reset_prefix_cache"] == 1 + 2
     samples = [s for r in rollouts for s in r["trajectory"]["samples"]]
     n_turns = sum(r["turns"] for r in rollouts)
