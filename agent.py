@@ -6,7 +6,8 @@ episode loop, on top of sandbox.py's unified sandbox.
    every episode is scanned afterwards the way PaperBench's monitor does.
 2. **Policies**: `ScriptedPolicy`, `LocalPolicy` (transformers, token-level sampling with a KV cache
    kept across turns: the paper's prompt caching; its own replies stay the ids it sampled, so the
-   next context extends this one token for token), `OpenAIPolicy` (chat-completions endpoint).
+   next context extends this one token for token), `OpenAIPolicy` (chat-completions endpoint;
+   from vLLM or SGLang it returns Samples too: RL from a server, rollout_server.py).
 3. **The episode loop** `run_episode`, with KLong's scaffold guards: mandatory paper reading (the
    pinned prefix p ends when the paper has been read through), `end_task` refused before a share
    of the budget, the no-tool-call nudge, the 5-step time reminder, and context management with
@@ -250,7 +251,8 @@ class Toolbox:
 
 @dataclass
 class PolicyReply:
-    """One assistant message; a local policy adds the exact tokens it sampled (RL needs them)."""
+    """One assistant message; a local policy (or a vLLM / SGLang server) adds the exact tokens it
+    sampled (RL needs them)."""
     message: dict
     sample: Sample | None = None
     api_wait_s: float = 0.0     # time spent waiting on retries of a model API (not on the clock)
