@@ -202,8 +202,9 @@ def step_forward(w: LeanWeights, pool: torch.Tensor, rope: tuple[torch.Tensor, t
         v = F.linear(x, *lw.v).view(N, kvh, hd)
         if lw.q_norm is not None:                                           # Qwen3: per-head norm
             q, k = _rms_norm(q, lw.q_norm, lw.eps), _rms_norm(k, lw.k_norm, lw.eps)
-        q = torch.addcmul(q * cos, q[..., swap], sin)                       # RoPE: x·cos + rot(x)·sin
-        k = torch.addcmul(k * cos, k[..., swap], sin)
+        qk = torch.cat((q, k), dim=1)                                       # (N, heads + kv, hd)
+        qk = torch.addcmul(qk * cos, qk[..., swap], sin)                    # RoPE: x·cos + rot(x)·sin
+        q, k = qk[:, :heads], qk[:, heads:]
         K, V = pool[2 * l], pool[2 * l + 1]                                 # (S, kv, L, hd)
         K[rows, :, pos] = k
         V[rows, :, pos] = v
