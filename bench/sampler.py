@@ -15,9 +15,11 @@ Two settings, each rollout tokens/s = sampled action tokens of all N episodes / 
 - `sampler`: the same episode contexts without a sandbox (each observation a fixed short text),
   so the ratio is the decoders' alone.
 One intra-op thread (torch.set_num_threads(1)) for both, so the ratio is the decoder's, not the
-thread count's. On a shared machine other processes' load moves wall-clock ratios a lot, so each
-is also given per CPU-second of this process (tokens / process CPU time; sandbox processes are
-children and not counted, for both).
+thread count's. On a shared machine other processes' load moves wall-clock ratios a lot: each
+N runs `--rounds` rounds (default 3) of per-episode then batched back to back, and the quoted
+ratio is the median of the rounds' ratios (each round's is kept in the JSON); each is also given
+per CPU-second of this process (tokens / process CPU time; sandbox processes are children and
+not counted, for both).
 
     python bench/sampler.py            # N = 1, 4, 8, 16; writes bench/results/sampler-cpu.json
     python bench/sampler.py --quick    # N = 8, 12 turns (≤ 3 min); last line: JSON with "speedup"
@@ -28,6 +30,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import sys
 import tempfile
 import threading
@@ -113,22 +116,32 @@ def run_contexts(make_policy, tasks, budget, n: int, _backend: str) -> dict:
 OBS = "[exit code 1]\nbash: command not found"
 
 
-def measure(model, tok, cfg, tasks, budget, n: int, backend: str, run) -> dict:
+def measure(model, tok, cfg, tasks, budget, n: int, backend: str, run, rounds: int) -> dict:
+    """`rounds` rounds, each per-episode then batched back to back (load from other processes moves
+    between rounds more than within one): the ratio of each round, and their median."""
     lock = SimpleNamespace(lock=threading.Lock(), version=0)     # grpo's _LockedPolicy needs these
-    per = run(lambda k: grpo._LockedPolicy(lock, agent.LocalPolicy(
-        model, tok, temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, seed=k)),
-        tasks, budget, n, backend)
-    smp = sampler.BatchedSampler(model, tok)
-    bat = run(lambda k: smp.policy(cfg.temperature, cfg.max_new_tokens, seed=k),
-              tasks, budget, n, backend)
-    bat["mean_batch_rows"] = smp.step_rows / max(smp.steps, 1)
-    r = {"episodes": n, "per_episode": per, "batched": bat,
-         "speedup": bat["tokens_per_s"] / per["tokens_per_s"],
-         "speedup_cpu": bat["tokens_per_cpu_s"] / per["tokens_per_cpu_s"]}
+    per, bat = [], []
+    for _ in range(rounds):
+        per.append(run(lambda k: grpo._LockedPolicy(lock, agent.LocalPolicy(
+            model, tok, temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, seed=k)),
+            tasks, budget, n, backend))
+        smp = sampler.BatchedSampler(model, tok)
+        bat.append(run(lambda k: smp.policy(cfg.temperature, cfg.max_new_tokens, seed=k),
+                       tasks, budget, n, backend))
+        bat[-1]["mean_batch_rows"] = smp.step_rows / max(smp.steps, 1)
+    ratios = [b["tokens_per_s"] / a["tokens_per_s"] for a, b in zip(per, bat)]
+    ratios_cpu = [b["tokens_per_cpu_s"] / a["tokens_per_cpu_s"] for a, b in zip(per, bat)]
+    k = ratios.index(statistics.median_low(ratios))              # the median round
+    r = {"episodes": n, "per_episode": per[k], "batched": bat[k],
+         "speedup": statistics.median(ratios), "speedup_cpu": statistics.median(ratios_cpu),
+         "rounds": [{"per_episode_tokens_per_s": a["tokens_per_s"],
+                     "batched_tokens_per_s": b["tokens_per_s"], "speedup": x, "speedup_cpu": c}
+                    for a, b, x, c in zip(per, bat, ratios, ratios_cpu)]}
     print(f"{'episodes' if run is run_episodes else 'sampler':8s} N={n:2d}: per-episode "
-          f"{per['tokens_per_s']:6.0f} tok/s, batched {bat['tokens_per_s']:6.0f} tok/s "
-          f"(mean {bat['mean_batch_rows']:.1f} rows/step) → {r['speedup']:.2f}× "
-          f"(per CPU-second {r['speedup_cpu']:.2f}×)", flush=True)
+          f"{per[k]['tokens_per_s']:6.0f} tok/s, batched {bat[k]['tokens_per_s']:6.0f} tok/s "
+          f"(mean {bat[k]['mean_batch_rows']:.1f} rows/step) → {r['speedup']:.2f}× median of "
+          f"{rounds} [{', '.join(f'{x:.2f}×' for x in ratios)}] (per CPU-second "
+          f"{r['speedup_cpu']:.2f}×)", flush=True)
     return r
 
 
@@ -139,6 +152,8 @@ def main() -> None:
     ap.add_argument("--turns", type=int, default=24,
                     help="assistant turns per episode (default: the first RL stage, rl_timeouts[0])")
     ap.add_argument("--backend", default="local", help="sandbox backend (local | docker | auto)")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="rounds of (per-episode, batched) back to back; the median ratio is quoted")
     a = ap.parse_args()
     torch.set_num_threads(1)
     ns = [8] if a.quick else [int(x) for x in a.episodes.split(",")]
@@ -152,7 +167,8 @@ def main() -> None:
                  synthetic.make_synthetic_tasks(Path(tmp) / "tasks", 4, seed=cfg.seed)]
         run_episodes(lambda k: agent.LocalPolicy(model, tok, max_new_tokens=4, seed=k), tasks,
                      agent.Budget(max_turns=1, reminder_every=0), 1, a.backend)      # warm-up
-        results = {name: [measure(model, tok, cfg, tasks, budget, n, a.backend, run) for n in ns]
+        results = {name: [measure(model, tok, cfg, tasks, budget, n, a.backend, run, a.rounds)
+                          for n in ns]
                    for name, run in (("sampler", run_contexts), ("episodes", run_episodes))}
     at8 = {name: next((r for r in rs if r["episodes"] == 8), None) for name, rs in results.items()}
     res = {"device": "cpu", "cpu": platform.processor() or platform.machine(),
@@ -162,7 +178,7 @@ def main() -> None:
                      "kv_heads": cfg.kv_heads, "vocab": len(tok), "dtype": cfg.dtype},
            "params": {"turns": turns, "max_new_tokens": cfg.max_new_tokens,
                       "context_len": cfg.context_len, "temperature": cfg.temperature,
-                      "backend": a.backend, "quick": a.quick},
+                      "backend": a.backend, "quick": a.quick, "rounds": a.rounds},
            "results": results, "speedup": at8["episodes"] and at8["episodes"]["speedup"],
            "speedup_sampler": at8["sampler"] and at8["sampler"]["speedup"], "target_speedup": 5.0}
     if not a.quick:
