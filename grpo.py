@@ -325,6 +325,30 @@ def make_grader(cfg):
                               backoff=judge.Backoff(attempts=cfg.judge_retries))
 
 
+def judge_counts(grader, queue: judge_queue.JudgeQueue) -> dict:
+    """Running judge counts (issue 21: every endpoint failure counted): the endpoint's calls,
+    retries, calls unavailable after all their retries and failed tries by kind (an LLM grader
+    over an endpoint; zeros for graders without one), and the queue's job retries and failed jobs
+    (rollouts left unscored, never scored 0)."""
+    st = getattr(getattr(grader, "chat", None), "stats", None) or {}
+    q = queue.stats
+    return {"judge_calls": st.get("calls", 0), "judge_retries": st.get("retries", 0),
+            "judge_unavailable": st.get("unavailable", 0),
+            "judge_retry_wait_s": st.get("wait_s", 0.0),   # in failed tries and backoff
+            "judge_failures_by_kind": dict(st.get("failures", {})),
+            "judge_job_retries": q["job_retries"], "judge_jobs_failed": q["jobs_failed"]}
+
+
+def counts_since(now: dict, before: dict) -> dict:
+    """judge_counts(...) now less `before` (kinds that did not occur since are left out)."""
+    out = {k: v - before[k] for k, v in now.items() if k != "judge_failures_by_kind"}
+    kinds = now["judge_failures_by_kind"]
+    out["judge_failures_by_kind"] = {k: n - before["judge_failures_by_kind"].get(k, 0)
+                                     for k, n in kinds.items()
+                                     if n > before["judge_failures_by_kind"].get(k, 0)}
+    return out
+
+
 def make_queue(cfg) -> judge_queue.JudgeQueue:
     return judge_queue.JudgeQueue(workers=cfg.judge_workers,
                                   backoff=judge.Backoff(attempts=cfg.judge_retries))
@@ -678,6 +702,7 @@ def run_rl(cfg) -> Path:
         work = out / "submissions"         # kept across a graceful stop: pending judge jobs
         work.mkdir(exist_ok=True)
         mgr = RolloutManager(shared, queue, grader, cfg, out / "rollouts.jsonl", work)
+        counted = judge_counts(grader, queue)   # judge counts at the last logged record
         if (out / "rollouts.jsonl").exists():
             mgr.restore([r for r in map(rollout_from_dict, map(json.loads,
                          (out / "rollouts.jsonl").read_text().splitlines()))
@@ -687,6 +712,13 @@ def run_rl(cfg) -> Path:
             print(f"[rl] judging the {n} rollouts a graceful stop left unjudged", flush=True)
 
     excluded = {"s": 0.0, "cpu": 0.0}      # evaluation time inside the loop: not RL clock
+
+    def judge_delta() -> dict:
+        """The judge's counts since the last logged record (summed over log.jsonl: the run's)."""
+        nonlocal counted
+        now = judge_counts(grader, queue)
+        delta, counted = counts_since(now, counted), now
+        return delta
 
     def greedy_eval(step: int, desc: str) -> dict:
         """The held-out tasks, greedy, judged through this run's queue as EVAL jobs (ahead of
@@ -698,7 +730,7 @@ def run_rl(cfg) -> Path:
         excluded["cpu"] += time.process_time() - c0
         rec = {"step": step, "eval_score": t["score"], "eval_se": t["se"], "eval_n": t["n"],
                "eval_unscored": t["unscored"], "eval_end_rate": t["end_rate"],
-               "eval_turns": t["turns"]}
+               "eval_turns": t["turns"], **judge_delta()}
         tracker.log(rec)
         log.append(rec)
         return t
@@ -773,7 +805,8 @@ def run_rl(cfg) -> Path:
                     plan(step, running=False)     # none planned one ahead: plan at its end
                 rec = {"step": step.index + 1, "stage": step.stage, "timeout": step.timeout,
                        **info, "step_s": time.perf_counter() - t0, **d,
-                       "rl_clock_s": rl_clock["clock_s"], "rl_cpu_s": rl_clock["cpu_s"]}
+                       "rl_clock_s": rl_clock["clock_s"], "rl_cpu_s": rl_clock["cpu_s"],
+                       **judge_delta()}
                 log.append(rec)
                 tracker.log(rec)
                 if cfg.eval_every and (step.index + 1) % cfg.eval_every == 0 \
@@ -961,7 +994,7 @@ def run_eval(cfg, greedy: bool = True) -> dict:
     with make_queue(cfg) as queue:
         rows = evaluate(shared, tasks, cfg, grader, queue, seeds=cfg.seeds, greedy=greedy)
     summary = {"model": path or "fresh tiny model", "tasks": len(tasks),
-               **summarize_eval(rows, cfg.seeds)}
+               **summarize_eval(rows, cfg.seeds), **judge_counts(grader, queue)}
     (out / "results.json").write_text(json.dumps(summary, indent=2))
     score = "no score" if summary["score_mean"] is None else \
         f"{summary['score_mean']:.3f} ± {summary['score_se']:.3f}"

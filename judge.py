@@ -1064,16 +1064,31 @@ def judge_agreement(pairs: Sequence[tuple[GradedNode, GradedNode]]) -> Agreement
 # =================================================================================== 8. CLI
 
 
+ENDPOINT_OPTIONS = {"timeout": "timeout_s", "backoff": "base_s", "max_backoff": "max_s"}
+
+
 def parse_grader(spec: str, backend: str = "auto", backoff: Backoff | None = None) -> LeafGrader:
-    """`check` | `openai:MODEL@URL` (retried with `backoff`) | `hf:PATH` (a local
-    save_pretrained folder)."""
+    """`check` | `openai:MODEL@URL[,timeout=S][,backoff=S][,max_backoff=S]` (retried with
+    `backoff`; the options: seconds a call may take (600), the first wait and the cap of the
+    exponential backoff (1, 60)) | `hf:PATH` (a local save_pretrained folder)."""
     kind, _, rest = spec.partition(":")
     if spec == "check":
         return CheckGrader(backend)
     if kind == "openai" and "@" in rest:
         model, _, url = rest.partition("@")
+        url, *options = url.split(",")
+        given = {}
+        for opt in options:
+            name, _, value = opt.partition("=")
+            try:
+                given[ENDPOINT_OPTIONS[name]] = float(value)
+            except (KeyError, ValueError):
+                raise ValueError(f"--grader {spec!r}: option {opt!r}: expected timeout=S, "
+                                 "backoff=S or max_backoff=S (seconds)") from None
         if model and url:
-            return LLMGrader(OpenAIChat(url, model, backoff=backoff))
+            timeout_s = given.pop("timeout_s", 600.0)
+            return LLMGrader(OpenAIChat(url, model, timeout_s=timeout_s,
+                                        backoff=replace(backoff or Backoff(), **given)))
     if kind == "hf" and rest:
         from transformers import AutoModelForCausalLM, AutoTokenizer
         return LLMGrader(HFChat(AutoModelForCausalLM.from_pretrained(rest),

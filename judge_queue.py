@@ -114,6 +114,7 @@ class JudgeQueue:
                  fatal: tuple[type[BaseException], ...] = (JudgeAccessError,)):
         self.workers, self.backoff, self.retry_on = workers, backoff or Backoff(), retry_on
         self.fatal = fatal
+        self._counts = {"jobs": 0, "job_retries": 0, "jobs_failed": 0}   # guarded by _cv
         self._heap: list[tuple[int, int, JudgeJob]] = []        # (priority, seq, job)
         self._deadlines: list[tuple[float, int, JudgeJob]] = []  # (deadline, seq, job)
         self._seq = itertools.count()
@@ -149,6 +150,13 @@ class JudgeQueue:
                 yield finished.get(timeout=None if end is None else max(0.0, end - time.monotonic()))
             except queue.Empty:
                 raise TimeoutError(f"judge jobs still running after {timeout} s") from None
+
+    @property
+    def stats(self) -> dict:
+        """Running counts: jobs run, job_retries (attempts after an endpoint outage), jobs_failed
+        (no score: retries exhausted, a deadline or an error; never a 0)."""
+        with self._cv:
+            return dict(self._counts)
 
     def pending(self) -> int:
         with self._cv:
@@ -219,6 +227,8 @@ class JudgeQueue:
                 return
             t0 = time.monotonic()
             job.attempts += 1
+            with self._cv:
+                self._counts["jobs" if k == 0 else "job_retries"] += 1
             try:
                 value = job.fn()
             except self.fatal as e:
@@ -230,7 +240,7 @@ class JudgeQueue:
                 error = e
             except Exception as e:
                 job.service_s += time.monotonic() - t0
-                job._finish(error=f"failed: {type(e).__name__}: {e}", cause=e)
+                self._count_failed(job._finish(error=f"failed: {type(e).__name__}: {e}", cause=e))
                 return
             else:
                 job.service_s += time.monotonic() - t0
@@ -238,7 +248,13 @@ class JudgeQueue:
                 return
             if k + 1 < self.backoff.attempts:
                 job._done.wait(self.backoff.delay(k))   # wakes early if the deadline fails it
-        job._finish(error=f"still failing after {job.attempts} attempts: {error}", cause=error)
+        self._count_failed(job._finish(error=f"still failing after {job.attempts} attempts: {error}",
+                                       cause=error))
+
+    def _count_failed(self, finished: bool) -> None:
+        if finished:
+            with self._cv:
+                self._counts["jobs_failed"] += 1
 
     def _watch(self) -> None:
         """Fail jobs at their deadline; a running one's worker is replaced (threads cannot be
@@ -249,8 +265,10 @@ class JudgeQueue:
                 now = time.monotonic()
                 while self._deadlines and self._deadlines[0][0] <= now:
                     job = heapq.heappop(self._deadlines)[2]
-                    if job._finish(error=f"deadline of {job.deadline - job.submitted_at:g} s "
-                                   "passed") and job.running:
+                    failed = job._finish(error=f"deadline of {job.deadline - job.submitted_at:g} "
+                                         "s passed")
+                    self._counts["jobs_failed"] += failed
+                    if failed and job.running:
                         job.abandoned = True   # close() will not wait for it either
                         self._threads = [t for t in self._threads
                                          if t.is_alive() and t is not job.worker]

@@ -94,3 +94,23 @@ class FaultPlan:
             kind = self.kinds[sum(self.injected.values()) % len(self.kinds)]
             self.injected[kind] += 1
             return kind
+
+
+GRADE = "# Expectations\nThe criterion is met.\n# Reality\nThe submission meets it.\n# Score\n1"
+
+
+def faulty_judge(rate: float = 0.3, seed: int = 0, hang_s: float = 1.0,
+                 retry_after_s: float = 0.05) -> tuple[JsonEndpoint, FaultPlan]:
+    """An LLM judge endpoint that grades every criterion 1 (the answer format judge.LLMGrader
+    parses) and fails `rate` of its calls in every way (FaultPlan, seeded). Any score but 1 that
+    is not a disqualification was therefore made up, not judged."""
+    plan = FaultPlan(rate, seed)
+
+    def respond(path, body):
+        kind = plan.draw()
+        if kind:
+            return fault(kind, hang_s=hang_s, retry_after_s=retry_after_s)
+        return 200, {"choices": [{"index": 0, "finish_reason": "stop",
+                                  "message": {"role": "assistant", "content": GRADE}}],
+                     "usage": {"prompt_tokens": 100, "completion_tokens": 20}}
+    return JsonEndpoint(respond, poll_interval=0.05), plan
