@@ -122,8 +122,11 @@ def _kill_row(r: dict | None) -> tuple[str, str, str]:
     if not k:
         return what, "not measured", "≥ 50 points a stage; 0 lost / duplicated / corrupt; resumed = uninterrupted"
     parts = []
-    for stage, s in k["stages"].items():
-        if s.get("points") is None:
+    for stage in [*KILL_CHECKS, *(x for x in k["stages"] if x not in KILL_CHECKS)]:
+        s = k["stages"].get(stage)
+        if s is None:
+            parts.append(f"{stage}: not finished within the session")
+        elif s.get("points") is None:
             parts.append(f"{stage}: **failed before counting**")
         else:
             parts.append(f"{stage}: {s['points']} points ({s['killed']} killed mid-run), "
