@@ -839,7 +839,11 @@ def marked_kill_script(marker: str) -> str:
 class DockerSandbox(Sandbox):
     """A container per sandbox (docker-py), with docs/SANDBOX.md's settings. Commands run as
     `timeout -k GRACE T bash -lc cmd` inside (Docker cannot kill an exec), read into the bounded
-    capture until the main process exits; a host-side backstop gives up on a call that outlives it.
+    capture until the main process exits and its output has arrived: a wrapper writes a random
+    end marker on stdout and stderr once `bash -lc cmd` has exited, and the marker (never kept in
+    the output) tells the reader that Docker has delivered everything the command wrote (without
+    it, output still in flight under load was lost: 2 of 90 4-MB floods, scripts/soak.py). A
+    host-side backstop gives up on a call that outlives it.
     Departure from the local tiers: Docker closes an exec's output 2 s after its main process
     exits, so a background job still writing to it then gets SIGPIPE (redirect its output)."""
     tier = "docker"
@@ -948,10 +952,41 @@ class DockerSandbox(Sandbox):
              env: dict | None = None) -> ExecResult:
         timeout = self._timeout(timeout)
         grace = max(1, int(round(self.limits.kill_grace_s)))
-        argv = ["timeout", "-k", f"{grace}s", f"{timeout}s", "bash", "-lc", cmd]
+        marker = uuid.uuid4().hex                       # finds the call's `setsid` escapees
+        end = f"\x1e{marker}\x1e".encode()             # "all output written" (class docstring)
+        # the wrapper outlives a TERM its command ignores (a handler, unlike an ignored signal,
+        # is not inherited), so `timeout` still waits the grace before its KILL
+        wrapper = 'trap : TERM; bash -lc "$1"; rc=$?; printf %s "$2"; printf %s "$2" >&2; exit $rc'
+        argv = ["timeout", "-k", f"{grace}s", f"{timeout}s", "bash", "-c", wrapper, "klong", cmd,
+                end.decode()]
         cap = 2 * self.limits.output_chars
         head, tail, total = bytearray(), bytearray(), 0
-        marker = uuid.uuid4().hex                       # finds the call's `setsid` escapees
+        held = {1: b"", 2: b""}                         # per stream: bytes that may start `end`
+        ended: set[int] = set()                         # streams whose end marker has arrived
+
+        def take(stream: int, chunk: bytes) -> None:
+            """Append a frame's payload to the capture, cutting the end marker out of it."""
+            nonlocal total
+            buf = held.get(stream, b"") + chunk
+            if stream in held and end in buf:
+                at = buf.index(end)
+                buf, ended_now = buf[:at] + buf[at + len(end):], True
+            else:
+                ended_now = False
+            keep = 0                                    # longest tail of buf that starts `end`
+            if stream in held and not ended_now and stream not in ended:
+                keep = next((k for k in range(min(len(end) - 1, len(buf)), 0, -1)
+                             if end.startswith(buf[-k:])), 0)
+            if ended_now:
+                ended.add(stream)
+            if stream in held:
+                held[stream] = buf[len(buf) - keep:] if keep else b""
+            out = buf[:len(buf) - keep]
+            total += len(out)
+            room = max(0, cap - len(head))
+            head.extend(out[:room])
+            tail.extend(out[room:])
+            del tail[:max(0, len(tail) - cap)]
         t0 = time.monotonic()
         with _DOCKER_API:
             exec_id = self.client.api.exec_create(
@@ -959,16 +994,18 @@ class DockerSandbox(Sandbox):
                 environment=self._env({**(env or {}), "KLONG_EXEC": marker}))["Id"]
             sock = self.client.api.exec_start(exec_id, socket=True)
         # Read the multiplexed stream (8-byte frame headers) into the bounded capture until the
-        # main process has exited and the stream is idle: a background job still holding the
-        # output does not hold the call (Docker itself closes its streams 2 s later).
+        # main process has exited and its output has arrived (both end markers; a killed call
+        # writes none), then while output keeps coming for at most 0.2 s: a background job still
+        # holding the output does not hold the call (Docker itself closes its streams 2 s later).
         frames, main_done, code = bytearray(), False, None
         backstop = t0 + timeout + grace + 10            # the host-side backstop
         asked = done_at = t0
         wait = 0.002                                    # idle polls back off: 2 ms → 50 ms
         try:
             while time.monotonic() < backstop:
+                idle = True
                 if select.select([sock], [], [], 0.01 if main_done else wait)[0]:
-                    wait = 0.002
+                    idle, wait = False, 0.002
                     data = sock.read(1 << 16)
                     if not data:
                         break
@@ -976,19 +1013,17 @@ class DockerSandbox(Sandbox):
                     at = 0
                     while len(frames) - at >= 8 and len(frames) - at >= 8 + int.from_bytes(frames[at + 4:at + 8], "big"):
                         n = int.from_bytes(frames[at + 4:at + 8], "big")
-                        chunk = frames[at + 8:at + 8 + n]
+                        take(frames[at], bytes(frames[at + 8:at + 8 + n]))
                         at += 8 + n
-                        total += len(chunk)
-                        room = max(0, cap - len(head))
-                        head.extend(chunk[:room])
-                        tail.extend(chunk[room:])
-                        del tail[:max(0, len(tail) - cap)]
                     del frames[:at]
-                    if not (main_done and time.monotonic() - done_at > 0.2) and \
-                            (main_done or time.monotonic() - asked < 0.2):
-                        continue                        # (a background flood cannot hold the call)
+                    if not main_done and time.monotonic() - asked < 0.2:
+                        continue                        # reading; ask Docker again every 0.2 s
                 if main_done:
-                    break                               # exited, and its output is read
+                    now = time.monotonic()
+                    arrived = len(ended) == 2 or code in (124, 137)   # killed: no marker comes
+                    if (arrived and (idle or now - done_at > 0.2)) or now > done_at + 2.5:
+                        break       # exited, and its output is read (or Docker's 2 s are over)
+                    continue
                 wait = min(2 * wait, 0.05)
                 with _DOCKER_API:
                     info = self.client.api.exec_inspect(exec_id)
@@ -1006,6 +1041,10 @@ class DockerSandbox(Sandbox):
         if timed_out:                 # GNU timeout signals its process group only: kill the rest
             with _DOCKER_API:
                 self.container.exec_run(["bash", "-c", marked_kill_script(marker)])
+        for stream in (1, 2):          # held bytes that did not become a marker were output
+            rest = held.pop(stream)
+            if rest:
+                take(stream, rest)
         text, truncated = cut_output(bytes(head), bytes(tail), total, self.limits.output_chars)
         return ExecResult(text, None if timed_out else code, timed_out, truncated, total,
                           duration, oom=code == 137 and not timed_out)
