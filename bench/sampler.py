@@ -11,7 +11,9 @@ process, with N = 1, 4, 8, 16 episodes running at once (threads, as RolloutManag
 Two settings, each rollout tokens/s = sampled action tokens of all N episodes / their wall time:
 - `episodes`: agent.run_episode on the local sandbox, contexts by split.build_context as in RL,
   `--turns` turns (default 24: the first RL stage); sandbox start-up, tools and context building
-  count for both, so this is what RL sees;
+  count for both, so this is what RL sees (the share of the wall time outside the span in which
+  episodes ask for actions, mostly sandbox start-up, is recorded: the batched sampler idles
+  through it);
 - `sampler`: the same episode contexts without a sandbox (each observation a fixed short text),
   so the ratio is the decoders' alone.
 One intra-op thread (torch.set_num_threads(1)) for both, so the ratio is the decoder's, not the
@@ -79,18 +81,41 @@ def rates(n: int, tokens: int, wall: float, cpu: float) -> dict:
             "cpu_s": cpu, "tokens_per_cpu_s": tokens / cpu}
 
 
+class _Timed:
+    """A policy that records when its episode's first action was asked for and its last answered."""
+
+    def __init__(self, policy):
+        self.policy, self.first, self.last = policy, None, None
+
+    def __getattr__(self, name):
+        return getattr(self.policy, name)
+
+    def act(self, messages, tools):
+        self.first = self.first or time.perf_counter()
+        reply = self.policy.act(messages, tools)
+        self.last = time.perf_counter()
+        return reply
+
+
 def run_episodes(make_policy, tasks, budget, n: int, backend: str) -> dict:
-    """n episodes at once (episode k on tasks[k % len]): their sampled tokens per second."""
-    eps = [None] * n
+    """n episodes at once (episode k on tasks[k % len]): their sampled tokens per second, and how
+    much of the wall time lies outside the span in which any episode asked for actions (sandbox
+    start-up before the first action, submission download and clean-up after the last)."""
+    eps, timed = [None] * n, [None] * n
 
     def one(k):
         with tempfile.TemporaryDirectory(prefix="klong_bench_") as tmp:
-            eps[k] = agent.run_episode(make_policy(k), tasks[k % len(tasks)], budget,
+            timed[k] = _Timed(make_policy(k))
+            eps[k] = agent.run_episode(timed[k], tasks[k % len(tasks)], budget,
                                        backend=backend, submission_out=Path(tmp) / "sub")
             if eps[k].failed:
                 raise RuntimeError(eps[k].trajectory.meta.get("error"))
+    t0 = time.perf_counter()
     wall, cpu = at_once(one, n)
-    return rates(n, sum(len(s.action_ids) for e in eps for s in e.trajectory.samples), wall, cpu)
+    span = max(t.last for t in timed) - min(t.first for t in timed)
+    return {**rates(n, sum(len(s.action_ids) for e in eps for s in e.trajectory.samples), wall, cpu),
+            "before_first_action_s": min(t.first for t in timed) - t0,
+            "outside_action_span_share": 1 - span / wall}
 
 
 def run_contexts(make_policy, tasks, budget, n: int, _backend: str) -> dict:
@@ -137,11 +162,15 @@ def measure(model, tok, cfg, tasks, budget, n: int, backend: str, run, rounds: i
          "rounds": [{"per_episode_tokens_per_s": a["tokens_per_s"],
                      "batched_tokens_per_s": b["tokens_per_s"], "speedup": x, "speedup_cpu": c}
                     for a, b, x, c in zip(per, bat, ratios, ratios_cpu)]}
+    outside = "" if run is not run_episodes else (
+        f"; wall outside the action span: per-episode "
+        f"{100 * per[k]['outside_action_span_share']:.0f}%, batched "
+        f"{100 * bat[k]['outside_action_span_share']:.0f}%")
     print(f"{'episodes' if run is run_episodes else 'sampler':8s} N={n:2d}: per-episode "
           f"{per[k]['tokens_per_s']:6.0f} tok/s, batched {bat[k]['tokens_per_s']:6.0f} tok/s "
           f"(mean {bat[k]['mean_batch_rows']:.1f} rows/step) → {r['speedup']:.2f}× median of "
           f"{rounds} [{', '.join(f'{x:.2f}×' for x in ratios)}] (per CPU-second "
-          f"{r['speedup_cpu']:.2f}×)", flush=True)
+          f"{r['speedup_cpu']:.2f}×){outside}", flush=True)
     return r
 
 
