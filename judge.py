@@ -1067,6 +1067,10 @@ def judge_agreement(pairs: Sequence[tuple[GradedNode, GradedNode]]) -> Agreement
 ENDPOINT_OPTIONS = {"timeout": "timeout_s", "backoff": "base_s", "max_backoff": "max_s"}
 
 
+class GraderSpecError(UserError, ValueError):
+    """A `--grader` / `--judge` value that names no grader: one line, exit 2 (a user error)."""
+
+
 def parse_grader(spec: str, backend: str = "auto", backoff: Backoff | None = None) -> LeafGrader:
     """`check` | `openai:MODEL@URL[,timeout=S][,backoff=S][,max_backoff=S]` (retried with
     `backoff`; the options: seconds a call may take (600), the first wait and the cap of the
@@ -1083,7 +1087,7 @@ def parse_grader(spec: str, backend: str = "auto", backoff: Backoff | None = Non
             try:
                 given[ENDPOINT_OPTIONS[name]] = float(value)
             except (KeyError, ValueError):
-                raise ValueError(f"--grader {spec!r}: option {opt!r}: expected timeout=S, "
+                raise GraderSpecError(f"--grader {spec!r}: option {opt!r}: expected timeout=S, "
                                  "backoff=S or max_backoff=S (seconds)") from None
         if model and url:
             timeout_s = given.pop("timeout_s", 600.0)
@@ -1094,7 +1098,7 @@ def parse_grader(spec: str, backend: str = "auto", backoff: Backoff | None = Non
         return LLMGrader(HFChat(AutoModelForCausalLM.from_pretrained(rest),
                                 AutoTokenizer.from_pretrained(rest), name=spec),
                          JudgeConfig(concurrency=1))
-    raise ValueError(f"--grader {spec!r}: expected check, openai:MODEL@URL or hf:PATH")
+    raise GraderSpecError(f"--grader {spec!r}: expected check, openai:MODEL@URL or hf:PATH")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -89,3 +89,18 @@ def test_every_failure_is_retried_after_a_backoff(faulty_run, phase):
     # or gave up on (the rollout unscored), never scored
     jobs = sum(r["judge_job_retries"] + r["judge_jobs_failed"] for r in records)
     assert (unavailable == 0) == (jobs == 0) and jobs <= unavailable
+
+
+def test_the_judge_spec_sets_the_endpoint_timeout_and_backoff_and_rejects_unknown_options():
+    import judge
+    from cli import is_user_error
+    g = judge.parse_grader("openai:judge@http://127.0.0.1:9/v1,timeout=2.5,backoff=0.2,max_backoff=3",
+                           backoff=judge.Backoff(attempts=5))
+    ep = g.chat.client
+    assert (ep.url, ep.attempts, ep.backoff_s, ep.max_backoff_s) == \
+        ("http://127.0.0.1:9/v1/chat/completions", 5, 0.2, 3.0)
+    assert ep._client.timeout == 2.5
+    for bad in ("openai:judge@http://h/v1,timeout=soon", "openai:judge@http://h/v1,retries=3"):
+        with pytest.raises(judge.GraderSpecError, match="expected timeout=S") as err:
+            judge.parse_grader(bad)
+        assert is_user_error(err.value)   # the CLIs print one line and exit 2
