@@ -179,9 +179,10 @@ def train_reply_model(out: Path, reply: dict, seed: int = 0, batch: int = 8) -> 
 def build_models(root: Path) -> dict[str, Path]:
     """One trained model folder per role of REPLIES under `root`."""
     out = {}
-    for k, (role, reply) in enumerate(REPLIES.items()):
-        train_reply_model(root / role, reply, seed=k)
-        out[role] = root / role
+    with torch.random.fork_rng():   # the seeds set here stay here
+        for k, (role, reply) in enumerate(REPLIES.items()):
+            train_reply_model(root / role, reply, seed=k)
+            out[role] = root / role
     return out
 
 

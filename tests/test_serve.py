@@ -11,10 +11,12 @@ fixture to give one fixed reply each (tests/serve_model.py). Everything goes ove
 A server that cannot start fails the module with its output (the extra is a declared
 dependency, requirements.txt). Canned loopback servers stay for fault injection only
 (tests/loopback.py)."""
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from openai import OpenAI
 
 import agent
 import factory
@@ -66,9 +68,6 @@ def test_the_server_parses_tool_calls_and_returns_no_logprobs(served):
     """What the clients below rely on, and what RL cannot: with the tokenizer's response
     template the reply's calls come back as OpenAI tool_calls (arguments a JSON string);
     log-probs are not returned even when asked for (docs/MACHINE.md)."""
-    import json
-
-    from openai import OpenAI
     client = OpenAI(base_url=served.url, api_key="none", max_retries=0)
     r = client.chat.completions.create(
         model=str(served.models["agent"]), tools=agent.TOOLS, logprobs=True, temperature=1.0,
