@@ -230,20 +230,21 @@ def verdict(res: dict) -> str:
 
 def markdown(res: dict) -> str:
     c = res["config"]
-    head = ("| seed | P: greedy score | S: greedy score | P − S | RL wall s (P / S) | RL CPU s "
-            "(P / S) | RL steps by timeout, P | S steps | rollout turns (P / S) |\n"
-            "|---|---|---|---|---|---|---|---|---|\n")
+    head = ("| seed | P: greedy score | S: greedy score | P − S | episodes ending with end_task "
+            "(P / S) | RL wall s (P / S) | RL CPU s (P / S) | RL steps by timeout, P | S steps "
+            "| rollout turns (P / S) |\n|---|---|---|---|---|---|---|---|---|---|\n")
     rows = []
     for r in res["runs"]:
         p, s = r["P"], r["S"]
         by_t = " + ".join(f"{n}×{t}" for t, n in p["steps_per_timeout"].items())
         rows.append(f"| {r['seed']} | {p['score']:.3f} | {s['score']:.3f} | {r['P_minus_S']:+.3f} "
+                    f"| {p['end_rate']:.2f} / {s['end_rate']:.2f} "
                     f"| {p['rl_wall_s']:.0f} / {s['rl_wall_s']:.0f} "
                     f"| {p['rl_cpu_s']:.0f} / {s['rl_cpu_s']:.0f} | {by_t} | {s['steps']} "
                     f"| {p['rollout_turns']:.0f} / {s['rollout_turns']:.0f} |")
     d, P, S = res["P_minus_S"], res["P"], res["S"]
     mean = (f"| mean ± SE | {P['mean']:.3f} ± {P['se']:.3f} | {S['mean']:.3f} ± {S['se']:.3f} "
-            f"| {d['mean']:+.3f} ± {d['se']:.3f} | | | | | |" if d["n"] else "")
+            f"| {d['mean']:+.3f} ± {d['se']:.3f} | | | | | | |" if d["n"] else "")
     return (head + "\n".join(rows) + ("\n" + mean if mean else "") + "\n\n" + verdict(res)
             + f"\n\nStart: `{c['init']}`, greedy {res['before']['score']:.3f} on the same held-out "
             f"tasks (it never ends a task: the flaw's wasted turns). Tasks: M = "
