@@ -61,7 +61,6 @@ import dist
 import judge
 import judge_queue
 import agent
-import rollout_server
 import sandbox
 import split
 from sampler import BatchedSampler, Unsupported
@@ -673,7 +672,7 @@ def run_rl(cfg) -> Path:
     model = dist.shard(model, cfg)
     _, ref_model = load_model(cfg, init)                  # π_ref: the SFT model
     ref_model = dist.shard(ref_model.eval().requires_grad_(False), cfg)
-    if dist.is_main() and not cfg.rollout_server:              # rollouts sample from this copy
+    if dist.is_main():                                          # rollouts sample from this copy
         _, sampler = load_model(cfg, init, for_training=False)
         sampler.eval().requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.rl_lr, betas=(0.9, 0.95),
@@ -694,8 +693,7 @@ def run_rl(cfg) -> Path:
                 f"{dist.world()} process(es)")
     weights = dist.full_state_dict(model)                       # rank 0: the policy to sample
     if dist.is_main():
-        shared = rollout_server.RolloutServer.from_config(cfg, model.config, tok) \
-            if cfg.rollout_server else SharedPolicy(sampler, tok, cfg)   # --rollout-server
+        shared = SharedPolicy(sampler, tok, cfg)
         shared.publish(weights, start)
         grader = make_grader(cfg)
         queue = make_queue(cfg)            # training rollouts and --eval-every share it
@@ -841,9 +839,7 @@ def run_rl(cfg) -> Path:
     if dist.is_main() and cfg.rl_eval:
         wall = time.perf_counter() - t_start
         atomic_write_text(out / "summary.json", json.dumps(
-            {"before": before, "after": after, "wall_s": wall,
-             "rl_clock_s": rl_clock["clock_s"], "rl_cpu_s": rl_clock["cpu_s"],
-             "steps": len(steps)}, indent=2))
+            {"before": before, "after": after, "wall_s": wall}, indent=2))
         print(f"[rl] greedy held-out score ({after['n']} tasks, mean ± SE): "
               f"before {_fmt(before)} -> after {_fmt(after)}; mean reward per step: "
               + " ".join(f"{r['reward_mean']:.3f}" for r in log if "reward_mean" in r)
