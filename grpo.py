@@ -61,6 +61,7 @@ import dist
 import judge
 import judge_queue
 import agent
+import rollout_server
 import sandbox
 import split
 from sampler import BatchedSampler, Unsupported
@@ -672,7 +673,7 @@ def run_rl(cfg) -> Path:
     model = dist.shard(model, cfg)
     _, ref_model = load_model(cfg, init)                  # π_ref: the SFT model
     ref_model = dist.shard(ref_model.eval().requires_grad_(False), cfg)
-    if dist.is_main():                                          # rollouts sample from this copy
+    if dist.is_main() and not cfg.rollout_server:              # rollouts sample from this copy
         _, sampler = load_model(cfg, init, for_training=False)
         sampler.eval().requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.rl_lr, betas=(0.9, 0.95),
@@ -693,7 +694,8 @@ def run_rl(cfg) -> Path:
                 f"{dist.world()} process(es)")
     weights = dist.full_state_dict(model)                       # rank 0: the policy to sample
     if dist.is_main():
-        shared = SharedPolicy(sampler, tok, cfg)
+        shared = rollout_server.RolloutServer.from_config(cfg, model.config, tok) \
+            if cfg.rollout_server else SharedPolicy(sampler, tok, cfg)   # --rollout-server
         shared.publish(weights, start)
         grader = make_grader(cfg)
         queue = make_queue(cfg)            # training rollouts and --eval-every share it
