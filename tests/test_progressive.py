@@ -50,7 +50,8 @@ def test_a_negative_wall_budget_is_a_user_error():
 def test_a_wall_clock_run_advances_its_stages_as_documented(tmp_path):
     """A real RL run from the shipped checkpoint under a wall budget: replaying the rule on the
     logged RL clock gives exactly the logged stages, the run stops when no step fits (so it
-    cannot overrun by more than its last two steps' estimate error), and it took > 1 step."""
+    cannot overrun by more than its last two steps' estimate error), it took > 1 step, and run
+    again it resumes with its clock spent and takes none."""
     budget = 24.0
     _, cfg = klong.parse_args([
         "--stage", "rl", "--run-dir", str(tmp_path), "--rl-timeouts", "3,6", "--rl-steps", "1,1",
@@ -77,3 +78,6 @@ def test_a_wall_clock_run_advances_its_stages_as_documented(tmp_path):
     assert clocks[-1] <= budget + laps[-1][0] + (laps[-2][0] if len(laps) > 1 else 0.0)
     assert clocks[-1] > budget / 3           # it ran on while steps fitted
     assert steps[-1]["rl_cpu_s"] > 0
+    before = (tmp_path / "rl" / "log.jsonl").read_text()
+    grpo.run_rl(cfg)                         # resumed after the end: the budget is spent, no step
+    assert (tmp_path / "rl" / "log.jsonl").read_text() == before
