@@ -116,6 +116,14 @@ def _fuzz_row(r: dict | None) -> tuple[str, str, str]:
                   f"{f['wall_s'] / 60:.1f} min", "≥ 1,000 cases a property; 0 undocumented exceptions")
 
 
+def _failed_assert(k: dict, stage: str) -> str | None:
+    """The `assert ...` line of a failed kill test's message (what was lost or duplicated)."""
+    for name, t in (k.get("tests") or {}).items():
+        if f"_{stage}_" in name and t.get("message"):
+            return next((ln.strip() for ln in t["message"].splitlines() if ln.strip().startswith("assert ")), None)
+    return None
+
+
 def _kill_row(r: dict | None) -> tuple[str, str, str]:
     what = "kill anywhere (issue 21.3): SIGKILL at random moments, then the same command again"
     k = (r or {}).get("kill")
@@ -130,7 +138,8 @@ def _kill_row(r: dict | None) -> tuple[str, str, str]:
             parts.append(f"{stage}: **failed before counting**")
         else:
             parts.append(f"{stage}: {s['points']} points ({s['killed']} killed mid-run), "
-                         f"{'0 lost / duplicated / corrupt, resumed = uninterrupted' if s['passed'] else '**FAILED**'}")
+                         f"{'0 lost / duplicated / corrupt, resumed = uninterrupted' if s['passed'] else '**FAILED**'}"
+                         + (f" (`{_failed_assert(k, stage)}`)" if not s["passed"] and _failed_assert(k, stage) else ""))
     return (what, "; ".join(parts) + f" (profile {r['profile']}; {k['wall_s'] / 60:.1f} min)",
             "≥ 50 points a stage; 0 lost / duplicated / corrupt; resumed = uninterrupted")
 

@@ -28,6 +28,8 @@ def test_each_figure_comes_from_its_json_and_missing_files_read_not_measured(tmp
                  "properties": 3, "properties_failed": 0, "passed": True, "wall_s": 321.0},
         "kill": {"stages": {"sft": {"points": 57, "killed": 51, "passed": True},
                             "rl": {"points": 58, "killed": 3, "passed": False}},
+                 "tests": {"test_rl_killed_anywhere": {"passed": False, "message":
+                                                       "AssertionError: [1.5]\nassert [1, 1, 2] == [1, 2]"}},
                  "passed": False, "wall_s": 1200.0}}))
     (tmp_path / "judge_faults-cpu.json").write_text(json.dumps({
         "calls": 417, "injected": {"http_500": 11, "hang": 13}, "retries": 29, "unavailable": 1,
@@ -39,7 +41,7 @@ def test_each_figure_comes_from_its_json_and_missing_files_read_not_measured(tmp
         "rss": {"peak_mb": 47.3, "growth_mb": 1.2}, "wall_s": 600.0}))
     md = reliability.render(tmp_path)
     assert "not measured" not in md
-    for figure in ["6,123 cases", "2,041", "sft: 57 points (51 killed mid-run)", "rl: 58 points", "**FAILED**",
+    for figure in ["6,123 cases", "2,041", "sft: 57 points (51 killed mid-run)", "rl: 58 points", "**FAILED** (`assert [1, 1, 2] == [1, 2]`)",
                    "417 calls", "24 injected failures", "http_500 11", "29 retries", "0 silent scores",
                    "16 sandboxes × 1,000 commands = 16,000", "flood 1,291", "0 left behind", "peak RSS 47 MB",
                    "+1.2 MB", "timeout: raised SandboxError 2", "namespace tier",
