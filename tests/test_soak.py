@@ -10,6 +10,7 @@ import dataclasses
 import importlib.util
 import json
 import os
+import random
 import subprocess
 import sys
 import time
@@ -82,7 +83,7 @@ def _answer(**kw) -> S.ExecResult:
 
 
 def test_the_checker_refuses_answers_that_are_not_documented():
-    rng = __import__("random").Random(0)
+    rng = random.Random(0)
     ordinary = soak.make_call("ordinary", 7, rng)
     good = _answer(output="call-7\n", exit_code=ordinary.expect["exit_code"])
     assert soak.check_answer(ordinary, good, 10_000, 5) == []
