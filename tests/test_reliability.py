@@ -42,7 +42,8 @@ def test_each_figure_comes_from_its_json_and_missing_files_read_not_measured(tmp
     md = reliability.render(tmp_path)
     assert "not measured" not in md
     for figure in ["6,123 cases", "2,041", "sft: 57 points (51 killed mid-run)", "rl: 58 points",
-                   "**FAILED** (`assert [1, 1, 2] == [1, 2]`)", "417 calls", "24 injected failures", "http_500 11", "29 retries", "0 silent scores",
+                   "**FAILED** (`assert [1, 1, 2] == [1, 2]`)", "417 calls", "24 injected failures",
+                   "http_500 11", "29 retries", "0 silent scores",
                    "16 sandboxes × 1,000 commands = 16,000", "flood 1,291", "0 left behind", "peak RSS 47 MB",
                    "+1.2 MB", "timeout: raised SandboxError 2", "namespace tier",
                    "factory: not finished"]:
