@@ -6,6 +6,7 @@ typed by hand: docs/BENCH.md).
     python bench/reliability.py                  # thorough: >= 1,000 fuzz cases a property, 50 kills a stage
     python bench/reliability.py --profile ci     # the CI sizes (25 cases a property, 10 kills a stage)
     python bench/reliability.py --only fuzz      # one of fuzz | kill
+    python bench/reliability.py --only kill --stage rl   # one stage's kill test, merged into the JSON
     python bench/reliability.py --table          # only rewrite the README block from the JSON present
 
 How the figures are counted (no guessing from pytest's output): tests/test_fuzz.py and
@@ -55,14 +56,15 @@ def junit_cases(path: Path) -> dict[str, dict]:
     return out
 
 
-def run_suite(which: str, profile: str) -> dict:
-    """Run one test file under `profile`; its tests' outcomes and the counted cases."""
+def run_suite(which: str, profile: str, select: str | None = None) -> dict:
+    """Run one test file under `profile` (only the tests `-k select` picks, if given); its tests'
+    outcomes and the counted cases."""
     with tempfile.TemporaryDirectory() as d:
         log, xml = Path(d) / "counts.jsonl", Path(d) / "junit.xml"
         env = {**os.environ, "HYPOTHESIS_PROFILE": profile, "KLONG_RELIABILITY_LOG": str(log)}
         t0 = time.perf_counter()
         proc = subprocess.run([sys.executable, "-m", "pytest", SUITES[which], "-q", "-p", "no:cacheprovider",
-                               f"--junitxml={xml}"], cwd=ROOT, env=env)
+                               f"--junitxml={xml}", *(["-k", select] if select else [])], cwd=ROOT, env=env)
         wall = time.perf_counter() - t0
         cases = junit_cases(xml) if xml.exists() else {}
         counts = [json.loads(ln) for ln in log.read_text().splitlines()] if log.exists() else []
@@ -200,8 +202,13 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--profile", default="thorough", choices=["ci", "dev", "thorough"])
     p.add_argument("--only", choices=sorted(SUITES), help="run one suite; the other's figures are kept")
+    p.add_argument("--stage", action="append", choices=sorted(KILL_CHECKS),
+                   help="with --only kill: run only this stage's kill test (repeatable); the other "
+                        "stages' figures of the same profile are kept")
     p.add_argument("--table", action="store_true", help="only rewrite the README block")
     a = p.parse_args(argv)
+    if a.stage and a.only != "kill":
+        p.error("--stage needs --only kill")
     if not a.table:
         out = RESULTS / "reliability-cpu.json"
         old = json.loads(out.read_text()) if out.exists() else {}
@@ -210,8 +217,19 @@ def main(argv: list[str] | None = None) -> int:
                   "kill": old.get("kill") if old.get("profile") == a.profile else None}
         for which in [a.only] if a.only else sorted(SUITES):
             print(f"reliability: {SUITES[which]} (HYPOTHESIS_PROFILE={a.profile})", flush=True)
-            raw = run_suite(which, a.profile)
+            select = " or ".join(f"_{s}_killed" for s in a.stage) if a.stage else None
+            raw = run_suite(which, a.profile, select)
             result[which] = summarise_fuzz(raw) if which == "fuzz" else summarise_kill(raw)
+            for st in result[which].get("stages", {}).values() if which == "kill" else []:
+                st["commit"] = result["commit"]               # stages may come from different runs
+            if select and result.get("kill") is not None and old.get("kill") and old.get("profile") == a.profile:
+                new, kept = result["kill"], old["kill"]     # merge: the stages run now replace theirs
+                stages = {**{k: {"commit": old.get("commit"), **v} for k, v in kept["stages"].items()},
+                          **new["stages"]}
+                result["kill"] = {"stages": stages, "tests": {**kept.get("tests", {}), **new["tests"]},
+                                  "passed": all(s["passed"] for s in stages.values())
+                                  and set(KILL_CHECKS) <= set(stages),
+                                  "wall_s": round(sum(s.get("wall_s") or 0 for s in stages.values()), 1)}
             common.write(out, result)                   # each suite's figures as soon as they exist
         print(json.dumps({k: {kk: vv for kk, vv in v.items() if kk != "tests"} if isinstance(v, dict) else v
                           for k, v in result.items() if k in ("fuzz", "kill")}, indent=2))
