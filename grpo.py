@@ -686,9 +686,9 @@ def run_rl(cfg) -> Path:
         rl_clock = st.get("wall", rl_clock)
         if cfg.rl_wall_s:                    # the steps taken and the one planned next
             steps = [wall_step(cfg, len(tasks), i, m) for i, m in enumerate(rl_clock["stages"])]
-        if dist.is_main():
-            _truncate_log(out / "log.jsonl", start)
         dist.print0(f"[rl] resumed from {resume} at step {start}")
+    if dist.is_main():   # records of steps the checkpoint lacks are redone (none yet: all of them)
+        _truncate_log(out / "log.jsonl", start)
     dist.print0(f"[rl] {len(tasks)} tasks, stages T={list(cfg.rl_timeouts)} ({cfg.rl_timeout_unit}), "
                 f"steps {list(cfg.rl_steps)}, n={cfg.n_rollouts}, init={init or 'fresh tiny model'}, "
                 f"{dist.world()} process(es)")

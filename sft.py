@@ -203,10 +203,10 @@ def run_sft(cfg) -> Path:
         set_rng_state(st["rng"])
         step = st["step"]
         dist.print0(f"[sft] resumed from {resume} at step {step}")
-        if dist.is_main():
-            _truncate_log(out / "log.jsonl", step)
     else:
         torch.manual_seed(cfg.seed)
+    if dist.is_main():   # records of steps the checkpoint lacks are redone (none yet: all of them)
+        _truncate_log(out / "log.jsonl", step)
     model.train()
     micro = cfg.batch_rows
     per_epoch = max(1, len(rows) // micro)

@@ -138,3 +138,31 @@ def test_rl_killed_anywhere_loses_and_redoes_no_judged_rollout(tmp_path):
     steps = [r["step"] for r in jsonl(got / "log.jsonl") if "reward_mean" in r]
     assert steps == [1, 2, 3, 4], moments
     assert (got / "final").exists()
+
+
+@pytest.mark.parametrize("stage", ["sft", "rl"])
+def test_a_logged_step_without_its_checkpoint_is_redone_not_kept(tmp_path, stage):
+    """The one kill moment the random draw rarely hits (the thorough RL run hit it: steps
+    [1, 1, 2, 3, 4]): step 1's record appended, killed before the first checkpoint. The re-run
+    starts from step 0 and must drop that record, not keep it beside its redone twin."""
+    if stage == "sft":
+        data = tmp_path / "data.jsonl"
+        from tests.strategies import make_trajectory
+        data.write_text("".join(json.dumps(make_trajectory(i, 6, 8, 0.0, 0, tid=f"t{i}")) + "\n"
+                                for i in range(2)))
+        args = ["--data", str(data), "--sft-steps", "2", "--save-every", "1", "--context-len",
+                "256", "--warmup", "1", "--max-new-tokens", "8"]
+        key, steps = "loss", [1, 2]
+    else:
+        args = ["--context-len", "384", "--max-new-tokens", "8", "--rl-timeouts", "2",
+                "--rl-steps", "1", "--n-rollouts", "2", "--tasks-per-step", "1", "--n-tasks", "2",
+                "--rollout-workers", "2", "--save-every", "1", "--shipped-init", "",
+                "--rl-eval", "false"]
+        key, steps = "reward_mean", [1]
+    log = tmp_path / stage / "log.jsonl"
+    log.parent.mkdir(parents=True)
+    log.write_text(json.dumps({"step": 1, key: -1.0, "stale": True}) + "\n")   # no checkpoint
+    run_to_end(klong_cmd(stage, tmp_path, *args))
+    records = [r for r in jsonl(log) if key in r]
+    assert [r["step"] for r in records] == steps
+    assert not any(r.get("stale") for r in records)
