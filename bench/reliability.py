@@ -139,8 +139,9 @@ def _kill_row(r: dict | None) -> tuple[str, str, str]:
         elif s.get("points") is None:
             parts.append(f"{stage}: **failed before counting**")
         else:
+            checks = s.get("checks", "0 lost / duplicated / corrupt")   # what the test asserted
             parts.append(f"{stage}: {s['points']} points ({s['killed']} killed mid-run), "
-                         f"{'0 lost / duplicated / corrupt, resumed = uninterrupted' if s['passed'] else '**FAILED**'}"
+                         f"{'passed: ' + checks if s['passed'] else '**FAILED**'}"
                          + (f" (`{_failed_assert(k, stage)}`)" if not s["passed"] and _failed_assert(k, stage) else ""))
     return (what, "; ".join(parts) + f" (profile {r['profile']}; {k['wall_s'] / 60:.1f} min)",
             "≥ 50 points a stage; 0 lost / duplicated / corrupt; resumed = uninterrupted")
