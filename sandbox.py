@@ -1024,8 +1024,8 @@ class DockerSandbox(Sandbox):
                 if main_done:
                     now = time.monotonic()
                     arrived = len(ended) == 2 or code in (124, 137)   # killed: no marker comes
-                    if (arrived and (idle or now - done_at > 0.2)) or now > done_at + 2.5:
-                        break       # exited, and its output is read (or Docker's 2 s are over)
+                    if (arrived and (idle or now - done_at > 0.2)) or now > done_at + 10:
+                        break       # exited, and its output is read (or no marker came in 10 s)
                     continue
                 wait = min(2 * wait, 0.05)
                 with _DOCKER_API:
