@@ -8,6 +8,8 @@ profile, 50 under HYPOTHESIS_PROFILE=thorough), then let finish. Afterwards:
   missing or repeated;
 - a deterministic run resumed equals the uninterrupted one: SFT weights bit-equal, the factory's
   kept trajectories equal (the expert and the executable checks are deterministic).
+  RL is not deterministic (partial rollouts sample with whichever weights are current when
+  each action is asked for), so RL is checked for loss and duplication only.
 
 The kill moments are drawn uniformly over the measured length of an uninterrupted run (with a
 fixed seed, printed on failure), so start-up, steps, checkpoint saves and the final export are
