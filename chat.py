@@ -49,6 +49,29 @@ CHAT_TEMPLATE = (
     "{%- if add_generation_prompt -%}<|assistant|>{%- endif -%}"
 )
 
+# The inverse of CHAT_TEMPLATE's assistant turn, for servers that read a reply back into OpenAI
+# `tool_calls` with the tokenizer's `response_template` (`transformers serve`;
+# PreTrainedTokenizerBase.parse_response): every tokenizer of this format carries it, so a klong
+# checkpoint served that way answers with tool calls, not with its markers as text. Argument values
+# come back as strings (the compact format does not type them), as parse_assistant reads them.
+RESPONSE_TEMPLATE = {
+    "defaults": {"role": "assistant"},
+    "start_anchor": "<|assistant|>",
+    "fields": {
+        "tool_calls": {
+            "open_pattern": r"<\|call\|>(?P<name>[^<]*)",
+            "close_pattern": r"(?=<\|call\|>|<\|end\|>)",
+            "repeats": True,
+            "content": "xml-inline",
+            "content_args": {"tag_pattern":
+                             r"<\|arg\|>(?P<key>.*?)<\|val\|>(?P<value>.*?)(?=<\|arg\|>|\Z)"},
+            "transform": {"type": "function", "function": {"name": "{name}",
+                                                           "arguments": "{content}"}},
+        },
+        "content": {"close": "<|end|>", "content": "text"},
+    },
+}
+
 
 class ToolCallParseError(ValueError):
     """A sampled assistant reply whose tool-call structure cannot be read."""
@@ -69,6 +92,7 @@ def build_tiny_tokenizer(extra_text: str = "", vocab_size: int = 1024) -> PreTra
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD, eos_token=END,
                                    additional_special_tokens=SPECIAL_TOKENS[1:])
     fast.chat_template = CHAT_TEMPLATE
+    fast.response_template = RESPONSE_TEMPLATE
     return fast
 
 

@@ -67,6 +67,8 @@ def load_model(cfg, path: str | None = None, for_training: bool = True):
             raise UserError(f"{flag} {path}: cannot load a model ({' '.join(str(e).split())[:200]})") from e
         if not chat.is_compact(tok):
             chat.check_message_additive(tok)
+        elif getattr(tok, "response_template", None) is None:   # saved before chat.py had one
+            tok.response_template = chat.RESPONSE_TEMPLATE
     else:
         torch.manual_seed(cfg.seed)
         tok = tiny_tokenizer(cfg)

@@ -5,7 +5,7 @@ Each served model is trained for seconds to give one fixed reply, whatever the p
 
 - the tokenizer is the tiny preset's (chat.build_tiny_tokenizer on synthetic.tokenizer_text(),
   vocabulary 1,024, chat.py's compact template), saved with a `response_template`
-  (RESPONSE_TEMPLATE) that tells the server how to read `<|call|>name<|arg|>key<|val|>value` back
+  (chat.RESPONSE_TEMPLATE) that tells the server how to read `<|call|>name<|arg|>key<|val|>value` back
   into OpenAI `tool_calls`: without one, `transformers serve` parses tool calls only for
   qwen2/qwen3 models and would drop chat.py's markers from the text;
 - the model is a Mistral-style config (the tiny preset is Llama-style) only for its
@@ -53,25 +53,9 @@ TAIL = LAYERS * WINDOW  # how far back into the prompt a reply token's receptive
 TARGET_LOSS = 2e-3     # mean reply-token cross-entropy at which training may stop
 MAX_STEPS = 600        # fails the fixture, rather than serving a model that did not learn
 
-# How `transformers serve` reads a reply in chat.py's compact format (transformers'
-# utils/chat_parsing: regions opened and closed by patterns, `xml-inline` for key/value pairs).
-RESPONSE_TEMPLATE = {
-    "defaults": {"role": "assistant"},
-    "start_anchor": "<|assistant|>",
-    "fields": {
-        "tool_calls": {
-            "open_pattern": r"<\|call\|>(?P<name>[^<]*)",
-            "close_pattern": r"(?=<\|call\|>|<\|end\|>)",
-            "repeats": True,
-            "content": "xml-inline",
-            "content_args": {"tag_pattern":
-                             r"<\|arg\|>(?P<key>.*?)<\|val\|>(?P<value>.*?)(?=<\|arg\|>|\Z)"},
-            "transform": {"type": "function", "function": {"name": "{name}",
-                                                           "arguments": "{content}"}},
-        },
-        "content": {"close": chat.END, "content": "text"},
-    },
-}
+# How `transformers serve` reads a reply in chat.py's compact format: chat.RESPONSE_TEMPLATE,
+# which every tokenizer of that format carries (chat.build_tiny_tokenizer, model.load_model).
+RESPONSE_TEMPLATE = chat.RESPONSE_TEMPLATE
 
 
 def _call(name: str, **arguments) -> dict:
@@ -105,7 +89,6 @@ def tokenizer():
     """The tiny preset's tokenizer (model.tiny_tokenizer with klong's vocab_size 1,024), carrying
     the compact format's response template."""
     tok = chat.build_tiny_tokenizer(synthetic.tokenizer_text(), vocab_size=1024)
-    tok.response_template = RESPONSE_TEMPLATE
     return tok
 
 
