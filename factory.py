@@ -34,7 +34,6 @@ synthetic.py; the factory distils them like any other task.
 """
 from __future__ import annotations
 
-import argparse
 import datetime
 import functools
 import json

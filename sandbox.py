@@ -47,7 +47,6 @@ Departures and gap-fillers (the paper is silent on the sandbox):
 """
 from __future__ import annotations
 
-import argparse
 import atexit
 import contextlib
 import errno

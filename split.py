@@ -38,7 +38,6 @@ length is the sum of its messages' counts. Dimension letters: B rows, T tokens p
 """
 from __future__ import annotations
 
-import argparse
 import bisect
 import json
 import re

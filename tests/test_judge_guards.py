@@ -5,7 +5,6 @@ for the agent and the factory's expert, that needs the paper opened by a reading
 Each test fails with its guard removed."""
 import json
 import random
-import shutil
 from pathlib import Path
 
 import pytest
@@ -173,7 +172,7 @@ def test_the_paper_counts_as_read_only_when_the_paper_itself_was_shown():
     """Showing the paper's text from another file, or a failed read, is not reading the paper."""
     spec = synthetic.sample_spec(0, 0, (3, 3))
     text = synthetic.paper_text(spec)
-    shown = f"File has 3 total lines.\n" + "\n".join(
+    shown = "File has 3 total lines.\n" + "\n".join(
         f"{k}: {line}" for k, line in enumerate(text.splitlines(), 1))
     other = [call("read_file_chunk", 0, file="/home/submission/notes.md"),
              {"role": "tool", "tool_call_id": "c0", "name": "read_file_chunk", "content": shown}]

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import split
-from split import SplitConfig, SplitError, Trajectory
+from split import SplitConfig, SplitError
 from tests.strategies import SPLIT_EXAMPLES, make_trajectory, split_cases, word_count
 
 MARK = re.compile(r"\n\[\.\.\. (\d+) characters omitted \.\.\.\]\n")
