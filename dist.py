@@ -231,15 +231,22 @@ def export_pretrained(path: Path, model, tok, dtype: torch.dtype) -> None:
     """A `save_pretrained` folder (safetensors + config + tokenizer) of the whole model in `dtype`,
     written by rank 0 from the gathered weights. Collective.
 
-    The weights go into a plain copy of the architecture built on the meta device (no memory), so
-    the folder is exactly what a single-process run writes: class name, dtype, no FSDP traces."""
-    from transformers import AutoModelForCausalLM
+    The folder is exactly what a single-process run writes (write_pretrained)."""
     sd = full_state_dict(model)
     if is_main():
-        with torch.device("meta"):
-            plain = AutoModelForCausalLM.from_config(model.config)
-        plain.load_state_dict({k: v.to(dtype) for k, v in sd.items()}, assign=True)
         shutil.rmtree(path, ignore_errors=True)
-        plain.save_pretrained(path)
-        tok.save_pretrained(path)
+        write_pretrained(path, sd, model.config, tok, dtype)
     barrier()
+
+
+def write_pretrained(path: Path, state_dict: dict, config, tok, dtype: torch.dtype) -> None:
+    """`state_dict` as a `save_pretrained` folder in `dtype` (+ `config`, the tokenizer). The
+    weights go into a plain copy of the architecture built on the meta device (no memory): class
+    name, dtype, no FSDP traces."""
+    from transformers import AutoModelForCausalLM
+    with torch.device("meta"):
+        plain = AutoModelForCausalLM.from_config(config)
+    plain.load_state_dict({k: v.detach().to("cpu", dtype) for k, v in state_dict.items()},
+                          assign=True)
+    plain.save_pretrained(path)
+    tok.save_pretrained(path)

@@ -37,6 +37,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import agent
+import dist
+import endpoint
 
 KINDS = ("vllm", "sglang")
 
@@ -65,27 +67,17 @@ def parse_spec(text: str) -> ServerSpec:
 
 def server_root(url: str) -> str:
     """The server's root from its OpenAI base URL (reload routes are not under /v1)."""
-    url = url.rstrip("/")
-    for suffix in ("/chat/completions", "/v1"):
-        url = url.removesuffix(suffix)
-    return url
+    return endpoint.base_url(url).removesuffix("/v1")
 
 
 def write_weights(folder: Path, state_dict: dict, config, tokenizer, dtype) -> None:
     """`folder` as a save_pretrained model (safetensors, config, tokenizer) of `state_dict` in
     `dtype`. Written beside it first and then moved in file by file (os.replace), so a server
     that reloads never reads a half-written file."""
-    import torch
-    from transformers import AutoModelForCausalLM
     folder = Path(folder)
     tmp = folder.with_name(f".{folder.name}.writing")
     shutil.rmtree(tmp, ignore_errors=True)
-    with torch.device("meta"):
-        plain = AutoModelForCausalLM.from_config(config)
-    plain.load_state_dict({k: v.detach().to("cpu", dtype) for k, v in state_dict.items()},
-                          assign=True)
-    plain.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
+    dist.write_pretrained(tmp, state_dict, config, tokenizer, dtype)
     folder.mkdir(parents=True, exist_ok=True)
     for f in sorted(tmp.iterdir()):
         os.replace(f, folder / f.name)
