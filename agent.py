@@ -30,11 +30,14 @@ import time
 import uuid
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import TYPE_CHECKING, Callable, Protocol
 
 from sandbox import (HOME, PAPER_DIR, SUBMISSION, ExecResult, Sandbox, SandboxError, Task,
                      clean_output, load_task, open_sandbox)
 from split import Sample, SplitConfig, SplitError, Trajectory, build_context
+
+if TYPE_CHECKING:
+    from sandbox_pool import SandboxPool
 
 log = logging.getLogger("klong.agent")
 
@@ -818,8 +821,11 @@ def _normalise(message: dict, turn: int) -> dict:
 
 def run_episode(policy: Policy, task: "Task | str | Path", budget: Budget, backend: str = "auto",
                 submission_out: Path | None = None, system_prompt: str = SYSTEM_PROMPT,
-                limits: dict | None = None, allow_unisolated: bool | None = None) -> Episode:
-    """One agent episode on `task` in a fresh sandbox (PaperBench's basic agent + KLong's guards).
+                limits: dict | None = None, allow_unisolated: bool | None = None,
+                sandboxes: "SandboxPool | None" = None) -> Episode:
+    """One agent episode on `task` in a fresh sandbox (PaperBench's basic agent + KLong's guards):
+    opened here (`backend`, `limits`, `allow_unisolated`: open_sandbox's), or taken from
+    `sandboxes`, a sandbox_pool.SandboxPool that started it ahead (its own backend and limits).
 
     Messages: system, user (the instructions), then turns: an assistant message (aᵢ) and its
     observation (sᵢ₊₁: one tool message per call, plus a nudge or a reminder as user messages).
@@ -837,7 +843,8 @@ def run_episode(policy: Policy, task: "Task | str | Path", budget: Budget, backe
     clock = (lambda: time.monotonic() - t0 - api_wait)
     stop, error, submission, samples = None, None, None, []
     try:
-        box = open_sandbox(backend, task=task, allow_unisolated=allow_unisolated, **(limits or {}))
+        box = sandboxes.take(task) if sandboxes is not None else \
+            open_sandbox(backend, task=task, allow_unisolated=allow_unisolated, **(limits or {}))
     except SandboxError as e:                 # fails the rollout, not the run (resolution 6)
         meta = {"tier": None, "stop_reason": "sandbox_error", "turns": 0, "wall_s": clock(),
                 "error": str(e), "blacklist_hits": []}

@@ -41,6 +41,7 @@ GRPO/DAPO — not implemented).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
@@ -64,6 +65,7 @@ import agent
 import rollout_server
 import sandbox
 import split
+from sandbox_pool import SandboxPool
 from sampler import BatchedSampler, Unsupported
 from model import (_truncate_log, append_line, atomic_write_text, drop_torn_tail,
                    checkpoint_dtype, latest_checkpoint,
@@ -369,6 +371,7 @@ class RolloutManager:
                  work_dir: Path):
         self.shared, self.queue, self.grader, self.cfg = shared, queue, grader, cfg
         self.pool = ThreadPoolExecutor(cfg.rollout_workers, thread_name_prefix="rollout")
+        self.sandboxes = sandbox_pool(cfg)       # started ahead while earlier episodes run
         self.log_path, self.work_dir = log_path, work_dir
         drop_torn_tail(log_path)                 # a kill mid-append leaves a partial last line
         self.groups: dict[str, list[Rollout]] = {}
@@ -394,7 +397,8 @@ class RolloutManager:
     def _episode(self, task, timeout: float, out: Path) -> "agent.Episode":
         return agent.run_episode(self.shared.policy(), task, budget_for(self.cfg, timeout),
                                    backend=self.cfg.sandbox, submission_out=out,
-                                   allow_unisolated=self.cfg.allow_unisolated)
+                                   allow_unisolated=self.cfg.allow_unisolated,
+                                   sandboxes=self.sandboxes)
 
     def _grade(self, task, ep) -> "agent.Scored":
         return agent.score_episode(ep, task, self.grader, **judge_options(self.cfg))
@@ -459,6 +463,8 @@ class RolloutManager:
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
+        if self.sandboxes is not None:
+            self.sandboxes.close()
 
     def stop(self, pending_path: Path) -> int:
         """A graceful stop: no new episodes (running ones finish and are submitted), running judge
@@ -765,7 +771,9 @@ def run_rl(cfg) -> Path:
                       "turns": statistics.fmean([r.turns for r in done] or [0]),
                       "judge_wait_s": statistics.fmean([r.judge_wait_s for r in done] or [0]),
                       "staleness": statistics.fmean(stale or [0]), "dropped_stale": dropped,
-                      "failed": failed, "rollouts": len(done)}
+                      "failed": failed, "rollouts": len(done),
+                      **({f"sandbox_{k}": v for k, v in mgr.sandboxes.stats.items()}
+                         if mgr.sandboxes else {})}    # cumulative: ready when asked, or not
 
     if dist.is_main():
         drop_torn_tail(out / "log.jsonl")                       # a kill mid-write leaves no torn line
@@ -911,6 +919,14 @@ def judged_row(ep: "agent.Episode", task, grader, queue: judge_queue.JudgeQueue,
     return row
 
 
+def sandbox_pool(cfg, episodes: int | None = None) -> SandboxPool | None:
+    """The pool of sandboxes started ahead (Config.sandbox_pool; None when 0); with `episodes`
+    (when the number to come is known) it never starts more than they take."""
+    size = cfg.rollout_workers if cfg.sandbox_pool < 0 else cfg.sandbox_pool
+    return SandboxPool(size, cfg.sandbox, allow_unisolated=cfg.allow_unisolated,
+                       limit=episodes) if size else None
+
+
 def evaluate(shared: SharedPolicy, tasks: list, cfg, grader, queue: judge_queue.JudgeQueue,
              seeds: int = 1, greedy: bool = True, desc: str = "eval") -> list[dict]:
     """Episodes of the current policy on `tasks` × `seeds` under the evaluation budget, judged as
@@ -919,15 +935,18 @@ def evaluate(shared: SharedPolicy, tasks: list, cfg, grader, queue: judge_queue.
     from tqdm import tqdm
     budget = budget_for(cfg, cfg.eval_timeout)
 
+    sandboxes = sandbox_pool(cfg, seeds * len(tasks))
+
     def episode(seed: int, k: int, task) -> dict:
         with tempfile.TemporaryDirectory(prefix="klong_eval_") as tmp:
             policy = shared.policy(greedy=greedy, seed=(cfg.seed + seed) * 100_003 + k)
             ep = agent.run_episode(policy, task, budget,
                                    backend=cfg.sandbox, submission_out=Path(tmp) / "sub",
-                                   allow_unisolated=cfg.allow_unisolated)
+                                   allow_unisolated=cfg.allow_unisolated, sandboxes=sandboxes)
             return judged_row(ep, task, grader, queue, cfg, seed)
 
-    with ThreadPoolExecutor(cfg.rollout_workers, thread_name_prefix="eval") as pool:
+    with sandboxes or contextlib.nullcontext(), \
+            ThreadPoolExecutor(cfg.rollout_workers, thread_name_prefix="eval") as pool:
         futures = [pool.submit(episode, seed, k, task)
                    for seed in range(seeds) for k, task in enumerate(tasks)]
         with tqdm(total=len(futures), desc=desc, unit="episode", dynamic_ncols=True,

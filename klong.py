@@ -212,6 +212,10 @@ class Config:
     sandbox: str = "local"
     """Sandbox backend: local (namespaces or bubblewrap: milliseconds a command; tiny), docker
     (8gpu) or auto (docker if an engine answers and has the image, else local)."""
+    sandbox_pool: int = -1
+    """Sandboxes started ahead of the RL/eval episodes that will use them (sandbox_pool.py), so
+    an episode rarely waits for its sandbox while the others decode: -1 = rollout_workers, 0 =
+    each episode opens its own when it starts. Each idle one holds an init process or container."""
     allow_unisolated: bool = False
     """RL/eval: allow the plain sandbox tier, which cannot hide the host (the agent could read its rubric)."""
     judge: str = "check"
@@ -295,6 +299,8 @@ def check_config(cfg: Config) -> None:
                  "eval_timeout", "judge_retries"):
         if hasattr(cfg, name) and getattr(cfg, name) < 1:
             bad(name, "an integer >= 1")
+    if cfg.sandbox_pool < -1:
+        bad("sandbox_pool", "an integer >= -1 (-1: rollout_workers; 0: none)")
     if len(cfg.task_items) != 2 or cfg.task_items[0] > cfg.task_items[1] or \
             any(int(x) != x for x in cfg.task_items):
         bad("task_items", "two integers MIN,MAX with MIN <= MAX")

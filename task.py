@@ -69,15 +69,22 @@ def load_task(task_dir) -> Task:
                 instructions=read("instructions.txt") or DEFAULT_INSTRUCTIONS)
 
 
-def lay_out_task(box, task: Task) -> None:
+def lay_out_task(box, task: Task, init_submission: bool = True) -> None:
     """PaperBench's layout in `box` (a started sandbox.Sandbox): the task folder (minus rubric,
     config and judge files) in /home/paper, the instructions in /home/instructions.txt, and
-    /home/submission as a fresh git repository."""
+    /home/submission as a fresh git repository (`init_submission=False`: the caller already made
+    it with `make_submission`, as sandbox_pool does before the task is known)."""
     for item in sorted(task.dir.iterdir()):
         if item.name not in HIDDEN and not item.name.startswith(("judge", ".")):
             box.upload(item, f"{PAPER_DIR}/{item.name}")
     box.write_file(f"{HOME}/instructions.txt", task.instructions)
-    r = box.exec(f"mkdir -p {box.inside(SUBMISSION)} && cd {box.inside(SUBMISSION)} && git init -q",
+    if init_submission:
+        make_submission(box)
+
+
+def make_submission(box) -> None:
+    """/home/submission as a fresh git repository (the one task-independent part of the layout)."""
+    r = box.exec(f"mkdir -p {box.inside(SUBMISSION)} && cd {box.inside(SUBMISSION)} && git init -q --template=",
                  60, cwd=HOME)
     if r.exit_code != 0:
         log.warning("sandbox: %s is not a git repository: %s", SUBMISSION, r.output.strip())

@@ -80,7 +80,11 @@ def rows() -> list[tuple[str, str, str, str]]:
                     f"{p['speedup']:.2f}×; evaluation wait {p['eval_wait_over_service']:.2f} "
                     "service times", "≥ 1.5×; ≤ 1 service time"))
     sm = _load("sampler-cpu.json")
-    for name, label in (("episodes", "RL episodes, sandbox included"), ("sampler", "sampler alone")):
+    pm = _get(sm, "params", default={}) or {}
+    setting = (f"{pm.get('turns', '?')}-turn episodes, {pm.get('per_worker', 1)} back to back per "
+               f"worker{', sandbox pool' if pm.get('sandbox_pool') else ''}")
+    for name, label in (("episodes", f"RL episodes, sandbox included; {setting}"),
+                        ("sampler", "sampler alone")):
         rs = _get(sm, "results", name, default=[]) or []
         at8 = next((r for r in rs if r["episodes"] == 8), None)
         if at8:

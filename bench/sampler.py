@@ -2,7 +2,7 @@
 
 Same model (the tiny preset: model.load_model on klong.Config()), same synthetic tasks, in one
 process, with N = 1, 4, 8, 16 episodes running at once (threads, as RolloutManager's
-`rollout_workers`):
+`rollout_workers`; each worker runs `--per-worker` episodes back to back, as RL's workers do):
 
 - per-episode (the anchor, grpo's pre-batching path): each episode has its own agent.LocalPolicy
   (KV cache kept across turns) and one action is sampled at a time under the shared lock;
@@ -10,10 +10,12 @@ process, with N = 1, 4, 8, 16 episodes running at once (threads, as RolloutManag
 
 Two settings, each rollout tokens/s = sampled action tokens of all N episodes / their wall time:
 - `episodes`: agent.run_episode on the local sandbox, contexts by split.build_context as in RL,
-  `--turns` turns (default 24: the first RL stage); sandbox start-up, tools and context building
-  count for both, so this is what RL sees (the share of the wall time outside the span in which
-  episodes ask for actions, mostly sandbox start-up, is recorded: the batched sampler idles
-  through it);
+  `--turns` turns (default 24: the first RL stage); sandboxes from a sandbox_pool.SandboxPool of
+  N started with the clock (as grpo.RolloutManager; `--no-pool`: each episode opens its own);
+  sandbox start-up, tools and context building count for both arms, so this is what RL sees
+  (the share of the wall time outside the span in which episodes ask for actions is recorded:
+  the batched sampler idles through it). The sandboxes' processes share the two cores with the
+  decoder: that costs the batched arm (it keeps a core busy) more than the per-episode one;
 - `sampler`: the same episode contexts without a sandbox (each observation a fixed short text),
   so the ratio is the decoders' alone.
 One intra-op thread (torch.set_num_threads(1)) for both, so the ratio is the decoder's, not the
@@ -25,6 +27,7 @@ not counted, for both).
 
     python bench/sampler.py            # N = 1, 4, 8, 16; writes bench/results/sampler-cpu.json
     python bench/sampler.py --quick    # N = 8, 12 turns (≤ 3 min); last line: JSON with "speedup"
+                                       # (RL episodes) and "speedup_sampler" (the sampler alone)
 """
 from __future__ import annotations
 
@@ -52,6 +55,7 @@ import sampler  # noqa: E402
 import sandbox  # noqa: E402
 import split  # noqa: E402
 import synthetic  # noqa: E402
+from sandbox_pool import SandboxPool  # noqa: E402
 from model import load_model  # noqa: E402
 
 
@@ -97,34 +101,55 @@ class _Timed:
         return reply
 
 
-def run_episodes(make_policy, tasks, budget, n: int, backend: str) -> dict:
-    """n episodes at once (episode k on tasks[k % len]): their sampled tokens per second, and how
-    much of the wall time lies outside the span in which any episode asked for actions (sandbox
-    start-up before the first action, submission download and clean-up after the last)."""
-    eps, timed = [None] * n, [None] * n
+def run_episodes(make_policy, tasks, budget, n: int, backend: str, per_worker: int = 1,
+                 pool: bool = True) -> dict:
+    """n workers at once, each running `per_worker` episodes back to back (as RL's rollout
+    workers do; episode j of worker k on tasks[(k + j·n) % len], policy seed k + j·n): their
+    sampled tokens per second, and how much of the wall time lies outside the span in which any
+    episode asked for actions (sandbox start-up before the first action, submission download and
+    clean-up after the last). With `pool`, the episodes take their sandboxes from a
+    sandbox_pool.SandboxPool of n, as grpo's RolloutManager does; it starts empty with the clock
+    (the first wave waits for start-up, later ones find sandboxes started while earlier episodes
+    ran). Both arms get the same sandbox machinery."""
+    eps, timed = [None] * (n * per_worker), [None] * (n * per_worker)
+    boxes = SandboxPool(n, backend, limit=n * per_worker) if pool else None   # timed: a cold start
 
     def one(k):
-        with tempfile.TemporaryDirectory(prefix="klong_bench_") as tmp:
-            timed[k] = _Timed(make_policy(k))
-            eps[k] = agent.run_episode(timed[k], tasks[k % len(tasks)], budget,
-                                       backend=backend, submission_out=Path(tmp) / "sub")
-            if eps[k].failed:
-                raise RuntimeError(eps[k].trajectory.meta.get("error"))
+        for j in range(per_worker):
+            e = k + j * n
+            with tempfile.TemporaryDirectory(prefix="klong_bench_") as tmp:
+                timed[e] = _Timed(make_policy(e))
+                eps[e] = agent.run_episode(timed[e], tasks[e % len(tasks)], budget, backend=backend,
+                                           submission_out=Path(tmp) / "sub", sandboxes=boxes)
+                if eps[e].failed:
+                    raise RuntimeError(eps[e].trajectory.meta.get("error"))
     t0 = time.perf_counter()
-    wall, cpu = at_once(one, n)
+    try:
+        wall, cpu = at_once(one, n)
+    finally:
+        stats = boxes.stats if boxes else {}
+        if boxes:
+            boxes.close()
     span = max(t.last for t in timed) - min(t.first for t in timed)
     return {**rates(n, sum(len(s.action_ids) for e in eps for s in e.trajectory.samples), wall, cpu),
+            "episodes_run": len(eps), "sandbox_pool": stats,
             "before_first_action_s": min(t.first for t in timed) - t0,
             "outside_action_span_share": 1 - span / wall}
 
 
-def run_contexts(make_policy, tasks, budget, n: int, _backend: str) -> dict:
-    """n episode loops at once without a sandbox: the same contexts (build_context over a growing
-    history), each observation a fixed short text."""
+def run_contexts(make_policy, tasks, budget, n: int, _backend: str, per_worker: int = 1,
+                 _pool: bool = True) -> dict:
+    """n workers at once, each running `per_worker` episode loops back to back without a sandbox:
+    the same contexts (build_context over a growing history), each observation a fixed short
+    text."""
     counts = [0] * n
 
     def one(k):
-        policy, task = make_policy(k), tasks[k % len(tasks)]
+        for j in range(per_worker):
+            loop(k, k + j * n)
+
+    def loop(k, e):
+        policy, task = make_policy(e), tasks[e % len(tasks)]
         messages = [{"role": "system", "content": agent.SYSTEM_PROMPT},
                     {"role": "user", "content": task.instructions}]
         window = 2
@@ -141,7 +166,8 @@ def run_contexts(make_policy, tasks, budget, n: int, _backend: str) -> dict:
 OBS = "[exit code 1]\nbash: command not found"
 
 
-def measure(model, tok, cfg, tasks, budget, n: int, backend: str, run, rounds: int) -> dict:
+def measure(model, tok, cfg, tasks, budget, n: int, backend: str, run, rounds: int,
+            per_worker: int, pool: bool) -> dict:
     """`rounds` rounds, each per-episode then batched back to back (load from other processes moves
     between rounds more than within one): the ratio of each round, and their median."""
     lock = SimpleNamespace(lock=threading.Lock(), version=0)     # grpo's _LockedPolicy needs these
@@ -149,10 +175,10 @@ def measure(model, tok, cfg, tasks, budget, n: int, backend: str, run, rounds: i
     for _ in range(rounds):
         per.append(run(lambda k: grpo._LockedPolicy(lock, agent.LocalPolicy(
             model, tok, temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, seed=k)),
-            tasks, budget, n, backend))
+            tasks, budget, n, backend, per_worker, pool))
         smp = sampler.BatchedSampler(model, tok)
         bat.append(run(lambda k: smp.policy(cfg.temperature, cfg.max_new_tokens, seed=k),
-                       tasks, budget, n, backend))
+                       tasks, budget, n, backend, per_worker, pool))
         bat[-1]["mean_batch_rows"] = smp.step_rows / max(smp.steps, 1)
     ratios = [b["tokens_per_s"] / a["tokens_per_s"] for a, b in zip(per, bat)]
     ratios_cpu = [b["tokens_per_cpu_s"] / a["tokens_per_cpu_s"] for a, b in zip(per, bat)]
@@ -183,6 +209,11 @@ def main() -> None:
     ap.add_argument("--backend", default="local", help="sandbox backend (local | docker | auto)")
     ap.add_argument("--rounds", type=int, default=3,
                     help="rounds of (per-episode, batched) back to back; the median ratio is quoted")
+    ap.add_argument("--per-worker", type=int, default=3,
+                    help="episodes each of the N workers runs back to back (RL's rollout workers "
+                         "run one episode after another)")
+    ap.add_argument("--no-pool", action="store_true",
+                    help="every episode opens its own sandbox when it starts (no SandboxPool)")
     a = ap.parse_args()
     torch.set_num_threads(1)
     ns = [8] if a.quick else [int(x) for x in a.episodes.split(",")]
@@ -196,8 +227,8 @@ def main() -> None:
                  synthetic.make_synthetic_tasks(Path(tmp) / "tasks", 4, seed=cfg.seed)]
         run_episodes(lambda k: agent.LocalPolicy(model, tok, max_new_tokens=4, seed=k), tasks,
                      agent.Budget(max_turns=1, reminder_every=0), 1, a.backend)      # warm-up
-        results = {name: [measure(model, tok, cfg, tasks, budget, n, a.backend, run, a.rounds)
-                          for n in ns]
+        results = {name: [measure(model, tok, cfg, tasks, budget, n, a.backend, run, a.rounds,
+                                  a.per_worker, not a.no_pool) for n in ns]
                    for name, run in (("sampler", run_contexts), ("episodes", run_episodes))}
     at8 = {name: next((r for r in rs if r["episodes"] == 8), None) for name, rs in results.items()}
     res = {"device": "cpu", "cpu": platform.processor() or platform.machine(),
@@ -207,7 +238,8 @@ def main() -> None:
                      "kv_heads": cfg.kv_heads, "vocab": len(tok), "dtype": cfg.dtype},
            "params": {"turns": turns, "max_new_tokens": cfg.max_new_tokens,
                       "context_len": cfg.context_len, "temperature": cfg.temperature,
-                      "backend": a.backend, "quick": a.quick, "rounds": a.rounds},
+                      "backend": a.backend, "quick": a.quick, "rounds": a.rounds,
+                      "per_worker": a.per_worker, "sandbox_pool": not a.no_pool},
            "results": results, "speedup": at8["episodes"] and at8["episodes"]["speedup"],
            "speedup_sampler": at8["sampler"] and at8["sampler"]["speedup"], "target_speedup": 5.0}
     if not a.quick:

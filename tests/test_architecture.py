@@ -25,7 +25,8 @@ LAYERS: list[set[str]] = [
      "endpoint"},                                   # the OpenAI-compatible client,
                                                     # splitting math, the task layout, the
                                                     # in-sandbox init, metrics logging
-    {"sandbox"},                                    # backends + PaperBench task layout
+    {"sandbox", "sandbox_pool"},                    # backends + PaperBench task layout;
+                                                    # sandboxes started ahead of episodes
     {"judge"},                                      # rubric trees, graders, aggregation
     {"judge_queue", "agent"},                       # the priority queue; the agent scaffold
     {"sampler", "synthetic", "rollout_server"},     # batched rollout sampler; the miniature's

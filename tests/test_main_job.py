@@ -68,6 +68,9 @@ def test_rl_reports_the_greedy_score_before_and_after_and_they_are_the_models_sc
     evals = [r for r in log if "eval_score" in r]
     assert [r["step"] for r in evals] == [0, 2]
     assert [r["step"] for r in log if "reward_mean" in r] == [1, 2]
+    steps = [r for r in log if "reward_mean" in r]           # episodes take pre-started sandboxes
+    takes = [r["sandbox_hits"] + r["sandbox_waited"] + r["sandbox_opened"] for r in steps]
+    assert takes[-1] >= sum(r["rollouts"] + r["failed"] for r in steps) and takes == sorted(takes)
     assert evals[0]["eval_score"] == pytest.approx(summary["before"]["score"])
     assert evals[1]["eval_score"] == pytest.approx(summary["after"]["score"])
     assert (out / "reward.png").stat().st_size > 1000
