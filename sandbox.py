@@ -458,6 +458,13 @@ class Sandbox:
     def close(self) -> None:
         raise NotImplementedError
 
+    def init_repository(self, path: str) -> None:
+        """`path` (made if missing) a fresh, empty git repository, without git's sample hooks."""
+        r = self.exec(f"mkdir -p {self.inside(path)} && cd {self.inside(path)} && "
+                      "git init -q --template=", 60, cwd=HOME)
+        if r.exit_code != 0:
+            log.warning("sandbox: %s is not a git repository: %s", path, r.output.strip())
+
     def __enter__(self):
         return self
 
@@ -481,6 +488,29 @@ class Sandbox:
                "GIT_COMMITTER_NAME": "agent", "GIT_COMMITTER_EMAIL": "agent@sandbox"}
         env.update({str(k): str(v) for k, v in (extra or {}).items()})
         return env
+
+
+_EMPTY_REPO: list[Path | None] = []     # made once per process (_empty_repository)
+_EMPTY_REPO_LOCK = threading.Lock()
+
+
+def _empty_repository() -> Path | None:
+    """A folder holding an empty git repository made by the host's git (the binary the local tiers
+    run), as `git init -q --template=` makes it inside an isolated tier (no user or system git
+    configuration there), once per process; None when git cannot make one here."""
+    with _EMPTY_REPO_LOCK:
+        if not _EMPTY_REPO:
+            d = Path(tempfile.mkdtemp(prefix="klong-empty-repo-"))
+            atexit.register(shutil.rmtree, d, True)
+            env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(d),
+                   "GIT_CONFIG_NOSYSTEM": "1", "GIT_CONFIG_GLOBAL": os.devnull, "LANG": "C"}
+            try:
+                ok = subprocess.run(["git", "init", "-q", "--template=", str(d / "repo")], env=env,
+                                    capture_output=True, timeout=60).returncode == 0
+            except (OSError, subprocess.SubprocessError):
+                ok = False
+            _EMPTY_REPO.append(d / "repo" if ok else None)
+        return _EMPTY_REPO[0]
 
 
 class LocalSandbox(Sandbox):
@@ -743,6 +773,14 @@ class LocalSandbox(Sandbox):
                     shutil.copy2(src, host, follow_symlinks=False)
             except OSError as e:
                 raise SandboxError(f"upload {src} -> {remote}: {e}") from None
+
+    def init_repository(self, path: str) -> None:
+        """As Sandbox.init_repository, without a command: a copy of the host's empty repository
+        (_empty_repository) where `path` is a new or empty folder of the workspace."""
+        repo, host = _empty_repository(), self._host(path)
+        if repo is None or host is None or (host.exists() and any(host.iterdir())):
+            return super().init_repository(path)
+        shutil.copytree(repo, host, symlinks=True, dirs_exist_ok=True)
 
     def download(self, remote: str, local: Path, max_file_bytes: int | None = None) -> None:
         """Copy a sandbox file or folder to the host (symlinks stay links; files over

@@ -6,7 +6,7 @@ config.yaml (id, title), the grading files (rubric.json, judge.*) and optionally
 instructions.txt. The agent sees PaperBench's layout in its sandbox: the folder minus the grading
 files and config in /home/paper, the instructions in /home/instructions.txt, and a fresh git
 repository /home/submission; the rubric never enters (issue 21). Works on any object with the
-sandbox interface (`upload`, `write_file`, `exec`, `inside`); nothing here imports sandbox.py.
+sandbox interface (`upload`, `write_file`, `init_repository`); nothing here imports sandbox.py.
 """
 from __future__ import annotations
 
@@ -83,8 +83,6 @@ def lay_out_task(box, task: Task, init_submission: bool = True) -> None:
 
 
 def make_submission(box) -> None:
-    """/home/submission as a fresh git repository (the one task-independent part of the layout)."""
-    r = box.exec(f"mkdir -p {box.inside(SUBMISSION)} && cd {box.inside(SUBMISSION)} && git init -q --template=",
-                 60, cwd=HOME)
-    if r.exit_code != 0:
-        log.warning("sandbox: %s is not a git repository: %s", SUBMISSION, r.output.strip())
+    """/home/submission as a fresh git repository (the one task-independent part of the layout;
+    `box.init_repository`: `git init -q --template=`, or its copy on the local tiers)."""
+    box.init_repository(SUBMISSION)

@@ -123,3 +123,24 @@ def test_an_episode_on_a_pooled_sandbox_sees_what_it_sees_on_its_own(tier, tmp_p
         assert seen(pooled) == seen(own)
     assert (pooled.submission_dir / "flag.txt").read_text().strip() == GOLD_FLAG
     assert (pooled.submission_dir / ".git").is_dir()
+
+
+@pytest.mark.parametrize("tier", TIERS + [DOCKER])
+def test_init_repository_makes_what_git_init_makes_inside(tier):
+    """The local tiers copy an empty repository the host's git made once (no command per
+    sandbox); it must be what `git init -q --template=` makes inside: same files, modes and
+    contents, and a repository git accepts (a first commit works)."""
+    with S.open_sandbox(tier, allow_unisolated=True) as box:
+        box.init_repository("/home/submission")
+        sub, ref_dir = box.inside("/home/submission"), f"{box.tmp}/ref"     # (plain: host paths)
+        r = box.exec(f"mkdir -p {ref_dir} && cd {ref_dir} && git init -q --template=", 30)
+        assert r.exit_code == 0, r.output
+        listing = ("cd {} && find .git -printf '%P %y %m\\n' | sort && "
+                   "cat .git/HEAD .git/config")
+        made = box.exec(listing.format(sub), 30)
+        ref = box.exec(listing.format(ref_dir), 30)
+        assert made.exit_code == ref.exit_code == 0
+        assert made.output == ref.output and "hooks" not in made.output
+        commit = box.exec(f"cd {sub} && echo x > f && git add f && "
+                          "git commit -qm first && git log --oneline | wc -l", 30)
+        assert commit.exit_code == 0 and commit.output.strip() == "1", commit.output
