@@ -82,7 +82,7 @@ def rows() -> list[tuple[str, str, str, str]]:
     sm = _load("sampler-cpu.json")
     pm = _get(sm, "params", default={}) or {}
     setting = (f"{pm.get('turns', '?')}-turn episodes, {pm.get('per_worker', 1)} back to back per "
-               f"worker{', sandbox pool' if pm.get('sandbox_pool') else ''}")
+               f"worker, sandbox pool {pm.get('sandbox_pool', 'none')}")
     for name, label in (("episodes", f"RL episodes, sandbox included; {setting}"),
                         ("sampler", "sampler alone")):
         rs = _get(sm, "results", name, default=[]) or []

@@ -11,7 +11,8 @@ process, with N = 1, 4, 8, 16 episodes running at once (threads, as RolloutManag
 Two settings, each rollout tokens/s = sampled action tokens of all N episodes / their wall time:
 - `episodes`: agent.run_episode on the local sandbox, contexts by split.build_context as in RL,
   `--turns` turns (default 24: the first RL stage); sandboxes from a sandbox_pool.SandboxPool of
-  N started with the clock (as grpo.RolloutManager; `--no-pool`: each episode opens its own);
+  N filled before the clock (as grpo.RolloutManager's in a running RL job; `--pool cold`: it
+  starts empty with the clock; `--pool none`: each episode opens its own);
   sandbox start-up, tools and context building count for both arms, so this is what RL sees
   (the share of the wall time outside the span in which episodes ask for actions is recorded:
   the batched sampler idles through it). The sandboxes' processes share the two cores with the
@@ -26,7 +27,7 @@ per CPU-second of this process (tokens / process CPU time; sandbox processes are
 not counted, for both).
 
     python bench/sampler.py            # N = 1, 4, 8, 16; writes bench/results/sampler-cpu.json
-    python bench/sampler.py --quick    # N = 8, 12 turns (≤ 3 min); last line: JSON with "speedup"
+    python bench/sampler.py --quick    # N = 8, 2 episodes a worker (≤ 3 min); last line: JSON with "speedup"
                                        # (RL episodes) and "speedup_sampler" (the sampler alone)
 """
 from __future__ import annotations
@@ -102,17 +103,20 @@ class _Timed:
 
 
 def run_episodes(make_policy, tasks, budget, n: int, backend: str, per_worker: int = 1,
-                 pool: bool = True) -> dict:
+                 pool: str = "warm") -> dict:
     """n workers at once, each running `per_worker` episodes back to back (as RL's rollout
     workers do; episode j of worker k on tasks[(k + j·n) % len], policy seed k + j·n): their
     sampled tokens per second, and how much of the wall time lies outside the span in which any
     episode asked for actions (sandbox start-up before the first action, submission download and
-    clean-up after the last). With `pool`, the episodes take their sandboxes from a
-    sandbox_pool.SandboxPool of n, as grpo's RolloutManager does; it starts empty with the clock
-    (the first wave waits for start-up, later ones find sandboxes started while earlier episodes
-    ran). Both arms get the same sandbox machinery."""
+    clean-up after the last). `pool`: "warm" (the episodes take their sandboxes from a
+    sandbox_pool.SandboxPool of n, as grpo's RolloutManager does, filled before the clock starts:
+    RL's pool is filled once at the start of a run and kept full while episodes run), "cold" (the
+    same pool, started empty with the clock: the first wave waits for start-up) or "none" (each
+    episode opens its own sandbox). Both arms get the same sandbox machinery."""
     eps, timed = [None] * (n * per_worker), [None] * (n * per_worker)
-    boxes = SandboxPool(n, backend, limit=n * per_worker) if pool else None   # timed: a cold start
+    boxes = SandboxPool(n, backend, limit=n * per_worker) if pool != "none" else None
+    if pool == "warm" and not boxes.wait_ready(timeout=300):
+        raise SystemExit(f"bench/sampler.py: the sandbox pool did not fill: {boxes.last_error}")
 
     def one(k):
         for j in range(per_worker):
@@ -138,7 +142,7 @@ def run_episodes(make_policy, tasks, budget, n: int, backend: str, per_worker: i
 
 
 def run_contexts(make_policy, tasks, budget, n: int, _backend: str, per_worker: int = 1,
-                 _pool: bool = True) -> dict:
+                 _pool: str = "none") -> dict:
     """n workers at once, each running `per_worker` episode loops back to back without a sandbox:
     the same contexts (build_context over a growing history), each observation a fixed short
     text."""
@@ -167,7 +171,7 @@ OBS = "[exit code 1]\nbash: command not found"
 
 
 def measure(model, tok, cfg, tasks, budget, n: int, backend: str, run, rounds: int,
-            per_worker: int, pool: bool) -> dict:
+            per_worker: int, pool: str) -> dict:
     """`rounds` rounds, each per-episode then batched back to back (load from other processes moves
     between rounds more than within one): the ratio of each round, and their median."""
     lock = SimpleNamespace(lock=threading.Lock(), version=0)     # grpo's _LockedPolicy needs these
@@ -202,7 +206,8 @@ def measure(model, tok, cfg, tasks, budget, n: int, backend: str, run, rounds: i
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="N = 8 only, 12 turns (≤ 3 minutes)")
+    ap.add_argument("--quick", action="store_true",
+                    help="N = 8 only, 2 episodes per worker (≤ 3 minutes on a quiet machine)")
     ap.add_argument("--episodes", default="1,4,8,16", help="concurrent episodes to measure")
     ap.add_argument("--turns", type=int, default=24,
                     help="assistant turns per episode (default: the first RL stage, rl_timeouts[0])")
@@ -212,12 +217,15 @@ def main() -> None:
     ap.add_argument("--per-worker", type=int, default=3,
                     help="episodes each of the N workers runs back to back (RL's rollout workers "
                          "run one episode after another)")
-    ap.add_argument("--no-pool", action="store_true",
-                    help="every episode opens its own sandbox when it starts (no SandboxPool)")
+    ap.add_argument("--pool", choices=("warm", "cold", "none"), default="warm",
+                    help="sandboxes from a SandboxPool filled before the clock starts (warm: RL's "
+                         "steady state), started empty with it (cold), or none: each episode "
+                         "opens its own")
     a = ap.parse_args()
     torch.set_num_threads(1)
     ns = [8] if a.quick else [int(x) for x in a.episodes.split(",")]
-    turns = min(a.turns, 12) if a.quick else a.turns
+    turns = a.turns
+    per_worker = min(a.per_worker, 2) if a.quick else a.per_worker
     cfg = klong.Config()
     tok, model = load_model(cfg, for_training=False)
     model.eval().requires_grad_(False)
@@ -228,7 +236,7 @@ def main() -> None:
         run_episodes(lambda k: agent.LocalPolicy(model, tok, max_new_tokens=4, seed=k), tasks,
                      agent.Budget(max_turns=1, reminder_every=0), 1, a.backend)      # warm-up
         results = {name: [measure(model, tok, cfg, tasks, budget, n, a.backend, run, a.rounds,
-                                  a.per_worker, not a.no_pool) for n in ns]
+                                  per_worker, a.pool) for n in ns]
                    for name, run in (("sampler", run_contexts), ("episodes", run_episodes))}
     at8 = {name: next((r for r in rs if r["episodes"] == 8), None) for name, rs in results.items()}
     res = {"device": "cpu", "cpu": platform.processor() or platform.machine(),
@@ -239,7 +247,7 @@ def main() -> None:
            "params": {"turns": turns, "max_new_tokens": cfg.max_new_tokens,
                       "context_len": cfg.context_len, "temperature": cfg.temperature,
                       "backend": a.backend, "quick": a.quick, "rounds": a.rounds,
-                      "per_worker": a.per_worker, "sandbox_pool": not a.no_pool},
+                      "per_worker": per_worker, "sandbox_pool": a.pool},
            "results": results, "speedup": at8["episodes"] and at8["episodes"]["speedup"],
            "speedup_sampler": at8["sampler"] and at8["sampler"]["speedup"], "target_speedup": 5.0}
     if not a.quick:
