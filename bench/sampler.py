@@ -221,6 +221,8 @@ def main() -> None:
                     help="sandboxes from a SandboxPool filled before the clock starts (warm: RL's "
                          "steady state), started empty with it (cold), or none: each episode "
                          "opens its own")
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "sampler-cpu.json",
+                    help="where the full run writes its JSON (not with --quick)")
     a = ap.parse_args()
     torch.set_num_threads(1)
     ns = [8] if a.quick else [int(x) for x in a.episodes.split(",")]
@@ -251,9 +253,8 @@ def main() -> None:
            "results": results, "speedup": at8["episodes"] and at8["episodes"]["speedup"],
            "speedup_sampler": at8["sampler"] and at8["sampler"]["speedup"], "target_speedup": 5.0}
     if not a.quick:
-        out = ROOT / "bench" / "results" / "sampler-cpu.json"
-        out.write_text(json.dumps(res, indent=2))
-        print(f"wrote {out}")
+        a.out.write_text(json.dumps(res, indent=2))
+        print(f"wrote {a.out}")
     print(json.dumps({"speedup": res["speedup"], "speedup_sampler": res["speedup_sampler"],
                       "episodes": 8, "tokens_per_s": {
                           name: {k: r[k]["tokens_per_s"] for k in ("per_episode", "batched")}

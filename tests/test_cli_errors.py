@@ -151,7 +151,8 @@ def test_non_numeric_flag_value(capsys, flag, value, kind):
 
 
 @pytest.mark.parametrize("flag,value", [("--context-len", "0"), ("--history", "1.5"),
-                                        ("--lr", "nan"), ("--overlap", "9999")])
+                                        ("--lr", "nan"), ("--overlap", "9999"),
+                                        ("--sandbox-pool", "-2")])
 def test_out_of_range_flag_value(capsys, flag, value):
     line = klong_error(capsys, "--stage", "sft", flag, value)
     assert flag in line and "expected" in line
