@@ -223,12 +223,16 @@ def main() -> None:
                          "opens its own")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "sampler-cpu.json",
                     help="where the full run writes its JSON (not with --quick)")
+    ap.add_argument("--config", default="",
+                    help="klong.Config fields for another model size, e.g. "
+                         "hidden_size=512,layers=4,heads=8,kv_heads=4,intermediate_size=2048 "
+                         "(a fresh random model of that shape; default: the tiny preset)")
     a = ap.parse_args()
     torch.set_num_threads(1)
     ns = [8] if a.quick else [int(x) for x in a.episodes.split(",")]
     turns = a.turns
     per_worker = min(a.per_worker, 2) if a.quick else a.per_worker
-    cfg = klong.Config()
+    cfg = klong.Config(**{k: int(v) for k, v in (kv.split("=") for kv in a.config.split(",") if kv)})
     tok, model = load_model(cfg, for_training=False)
     model.eval().requires_grad_(False)
     budget = agent.Budget(max_turns=turns, context=cfg.split, reminder_every=0)
@@ -245,6 +249,7 @@ def main() -> None:
            "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
            "python": platform.python_version(), "torch": torch.__version__,
            "model": {"hidden": cfg.hidden_size, "layers": cfg.layers, "heads": cfg.heads,
+                     "intermediate": cfg.intermediate_size,
                      "kv_heads": cfg.kv_heads, "vocab": len(tok), "dtype": cfg.dtype},
            "params": {"turns": turns, "max_new_tokens": cfg.max_new_tokens,
                       "context_len": cfg.context_len, "temperature": cfg.temperature,
