@@ -406,6 +406,9 @@ def _main(argv) -> int:
         elif stage == "eval":
             import grpo
             grpo.run_eval(cfg)
+        dist.barrier()      # every rank done before any tears its connections down (a rank of
+        # a 2-process CPU test once aborted at exit, "terminate called without an active
+        # exception", when the other was still saving); not on errors: a barrier could hang there
     finally:
         dist.close()
     return 0

@@ -71,4 +71,5 @@ if __name__ == "__main__":
     weights = dist.full_state_dict(model)
     if dist.is_main():
         torch.save({"weights": weights, "stats": stats, "world": dist.world()}, sys.argv[1])
+    dist.barrier()          # no rank tears its gloo connections down while another still works
     dist.close()
