@@ -34,8 +34,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -56,6 +54,7 @@ import sampler  # noqa: E402
 import sandbox  # noqa: E402
 import split  # noqa: E402
 import synthetic  # noqa: E402
+from common import header, write  # noqa: E402
 from sandbox_pool import SandboxPool  # noqa: E402
 from model import load_model  # noqa: E402
 
@@ -245,9 +244,7 @@ def main() -> None:
                                   per_worker, a.pool) for n in ns]
                    for name, run in (("sampler", run_contexts), ("episodes", run_episodes))}
     at8 = {name: next((r for r in rs if r["episodes"] == 8), None) for name, rs in results.items()}
-    res = {"device": "cpu", "cpu": platform.processor() or platform.machine(),
-           "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-           "python": platform.python_version(), "torch": torch.__version__,
+    res = {**header("sampler"),
            "model": {"hidden": cfg.hidden_size, "layers": cfg.layers, "heads": cfg.heads,
                      "intermediate": cfg.intermediate_size,
                      "kv_heads": cfg.kv_heads, "vocab": len(tok), "dtype": cfg.dtype},
@@ -258,8 +255,7 @@ def main() -> None:
            "results": results, "speedup": at8["episodes"] and at8["episodes"]["speedup"],
            "speedup_sampler": at8["sampler"] and at8["sampler"]["speedup"], "target_speedup": 5.0}
     if not a.quick:
-        a.out.write_text(json.dumps(res, indent=2))
-        print(f"wrote {a.out}")
+        print(f"wrote {write(a.out, res)}")
     print(json.dumps({"speedup": res["speedup"], "speedup_sampler": res["speedup_sampler"],
                       "episodes": 8, "tokens_per_s": {
                           name: {k: r[k]["tokens_per_s"] for k in ("per_episode", "batched")}
