@@ -97,10 +97,10 @@ def build_tiny_tokenizer(extra_text: str = "", vocab_size: int = 1024) -> PreTra
 
 
 def is_compact(tokenizer) -> bool:
-    """True for a tokenizer that carries this module's compact format."""
+    """True for a tokenizer that carries this module's compact format. (Asked for every sampled
+    action: a token lookup, not get_vocab(), which copies the whole vocabulary.)"""
     return getattr(tokenizer, "chat_template", None) == CHAT_TEMPLATE and \
-        tokenizer.convert_tokens_to_ids(CALL) not in (None, tokenizer.unk_token_id)  # not get_vocab():
-    # it copies the whole vocabulary on every call, and this is asked for every sampled action
+        tokenizer.convert_tokens_to_ids(CALL) not in (None, tokenizer.unk_token_id)
 
 
 def tool_arguments(call: dict) -> dict:

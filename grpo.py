@@ -371,7 +371,7 @@ class RolloutManager:
                  work_dir: Path):
         self.shared, self.queue, self.grader, self.cfg = shared, queue, grader, cfg
         self.pool = ThreadPoolExecutor(cfg.rollout_workers, thread_name_prefix="rollout")
-        self.sandboxes = sandbox_pool(cfg)       # started ahead while earlier episodes run
+        self.sandboxes = make_sandbox_pool(cfg)       # started ahead while earlier episodes run
         self.log_path, self.work_dir = log_path, work_dir
         drop_torn_tail(log_path)                 # a kill mid-append leaves a partial last line
         self.groups: dict[str, list[Rollout]] = {}
@@ -919,7 +919,7 @@ def judged_row(ep: "agent.Episode", task, grader, queue: judge_queue.JudgeQueue,
     return row
 
 
-def sandbox_pool(cfg, episodes: int | None = None) -> SandboxPool | None:
+def make_sandbox_pool(cfg, episodes: int | None = None) -> SandboxPool | None:
     """The pool of sandboxes started ahead (Config.sandbox_pool; None when 0); with `episodes`
     (when the number to come is known) it never starts more than they take."""
     size = cfg.rollout_workers if cfg.sandbox_pool < 0 else cfg.sandbox_pool
@@ -935,7 +935,7 @@ def evaluate(shared: SharedPolicy, tasks: list, cfg, grader, queue: judge_queue.
     from tqdm import tqdm
     budget = budget_for(cfg, cfg.eval_timeout)
 
-    sandboxes = sandbox_pool(cfg, seeds * len(tasks))
+    sandboxes = make_sandbox_pool(cfg, seeds * len(tasks))
 
     def episode(seed: int, k: int, task) -> dict:
         with tempfile.TemporaryDirectory(prefix="klong_eval_") as tmp:

@@ -36,7 +36,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-import time
 
 from sandbox import Sandbox, SandboxError, open_sandbox
 from task import Task, lay_out_task, make_submission
@@ -158,10 +157,9 @@ class SandboxPool:
     def wait_ready(self, n: int | None = None, timeout: float = 60.0) -> bool:
         """Block until `n` (default: size) sandboxes are ready; False at the timeout."""
         n = self.size if n is None else n
-        deadline = time.monotonic() + timeout
         with self._cv:
             return self._cv.wait_for(lambda: len(self._ready) >= n or self._closed,
-                                     timeout=max(deadline - time.monotonic(), 0)) and not self._closed
+                                     timeout=timeout) and not self._closed
 
     def ready(self) -> int:
         with self._cv:

@@ -10,13 +10,10 @@ sandbox interface (`upload`, `write_file`, `init_repository`); nothing here impo
 """
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
-
-log = logging.getLogger("klong.sandbox")
 
 HOME = "/home"                          # the task layout's root inside every isolated tier
 SUBMISSION = "/home/submission"

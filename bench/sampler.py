@@ -229,12 +229,15 @@ def main() -> None:
     a = ap.parse_args()
     torch.set_num_threads(1)
     ns = [8] if a.quick else [int(x) for x in a.episodes.split(",")]
-    turns = a.turns
     per_worker = min(a.per_worker, 2) if a.quick else a.per_worker
-    cfg = klong.Config(**{k: int(v) for k, v in (kv.split("=") for kv in a.config.split(",") if kv)})
+    try:
+        cfg = klong.Config(**{k: int(v) for k, v in (kv.split("=") for kv in a.config.split(",")
+                                                     if kv)})
+    except (ValueError, TypeError) as e:      # not KEY=INT, or no such Config field
+        ap.error(f"--config {a.config!r}: expected FIELD=INT,... of klong.Config ({e})")
     tok, model = load_model(cfg, for_training=False)
     model.eval().requires_grad_(False)
-    budget = agent.Budget(max_turns=turns, context=cfg.split, reminder_every=0)
+    budget = agent.Budget(max_turns=a.turns, context=cfg.split, reminder_every=0)
     with tempfile.TemporaryDirectory(prefix="klong_bench_tasks_") as tmp:
         tasks = [sandbox.load_task(d) for d in
                  synthetic.make_synthetic_tasks(Path(tmp) / "tasks", 4, seed=cfg.seed)]
@@ -248,7 +251,7 @@ def main() -> None:
            "model": {"hidden": cfg.hidden_size, "layers": cfg.layers, "heads": cfg.heads,
                      "intermediate": cfg.intermediate_size,
                      "kv_heads": cfg.kv_heads, "vocab": len(tok), "dtype": cfg.dtype},
-           "params": {"turns": turns, "max_new_tokens": cfg.max_new_tokens,
+           "params": {"turns": a.turns, "max_new_tokens": cfg.max_new_tokens,
                       "context_len": cfg.context_len, "temperature": cfg.temperature,
                       "backend": a.backend, "quick": a.quick, "rounds": a.rounds,
                       "per_worker": per_worker, "sandbox_pool": a.pool},
